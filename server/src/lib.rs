@@ -1,0 +1,4 @@
+//! syncd
+pub mod raft;
+pub mod state;
+pub mod storage;
