@@ -2,28 +2,16 @@
 //! bug it catches. Most drive one engine with hand-made messages, so the scenario is exact; the
 //! rest use [`Net`], a tiny synchronous network of engines with isolatable members.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use sync_proto::raft::v1 as pb;
 
-use super::sim::state_machine::{Durable, Snapshot, StateMachine};
+use super::sim::mem_cluster::{MemCluster as Net, voters as members};
+use super::sim::state_machine::{Snapshot, StateMachine};
 use super::*;
 
 // ----- helpers -------------------------------------------------------------------------------
-
-fn members(voters: &[u64]) -> pb::ClusterConfig {
-    pb::ClusterConfig {
-        members: voters
-            .iter()
-            .map(|&id| pb::Member {
-                id,
-                address: format!("n{id}"),
-                learner: false,
-            })
-            .collect(),
-    }
-}
 
 fn entry(index: u64, term: u64) -> pb::Entry {
     pb::Entry {
@@ -131,108 +119,6 @@ fn append(
         heartbeat: false,
         read_round: 0,
     })
-}
-
-/// A synchronous network of engines with perfect storage, where members can be isolated.
-struct Net {
-    nodes: BTreeMap<u64, RaftNode>,
-    durable: BTreeMap<u64, Durable>,
-    isolated: BTreeSet<u64>,
-    inbox: VecDeque<Message>,
-}
-
-impl Net {
-    fn new(n: u64, tweak: impl Fn(&mut Config)) -> Net {
-        let ids: Vec<u64> = (1..=n).collect();
-        let mut nodes = BTreeMap::new();
-        for &id in &ids {
-            let mut c = Config::new(id);
-            tweak(&mut c);
-            nodes.insert(id, RaftNode::new(c, members(&ids)).unwrap());
-        }
-        Net {
-            durable: ids.iter().map(|&id| (id, Durable::default())).collect(),
-            nodes,
-            isolated: BTreeSet::new(),
-            inbox: VecDeque::new(),
-        }
-    }
-
-    fn node(&mut self, id: u64) -> &mut RaftNode {
-        self.nodes.get_mut(&id).unwrap()
-    }
-
-    /// Processes every Ready and delivers every message until the network is quiet.
-    fn flush(&mut self) {
-        for _ in 0..10_000 {
-            let ids: Vec<u64> = self.nodes.keys().copied().collect();
-            for id in ids {
-                let node = self.nodes.get_mut(&id).unwrap();
-                while node.has_ready() {
-                    let rd = node.ready();
-                    self.inbox.extend(rd.messages);
-                    let d = self.durable.get_mut(&id).unwrap();
-                    if let Some(meta) = rd.snapshot {
-                        d.install(Snapshot {
-                            meta,
-                            state: StateMachine::default(),
-                        });
-                    }
-                    d.append(&rd.entries).unwrap();
-                    if let Some(hs) = rd.hard_state {
-                        d.hard_state = hs;
-                    }
-                    if let Some(last) = rd.entries.last() {
-                        node.on_persisted(last.index, last.term);
-                    }
-                    self.inbox.extend(rd.persisted_messages);
-                }
-            }
-            let Some(m) = self.inbox.pop_front() else {
-                return;
-            };
-            if self.isolated.contains(&m.from()) || self.isolated.contains(&m.to()) {
-                continue;
-            }
-            if let Some(to) = self.nodes.get_mut(&m.to()) {
-                to.step(m).unwrap();
-            }
-        }
-        panic!("network did not quiesce");
-    }
-
-    fn tick(&mut self, rounds: usize) {
-        for _ in 0..rounds {
-            for node in self.nodes.values_mut() {
-                node.tick();
-            }
-            self.flush();
-        }
-    }
-
-    fn leaders(&self) -> Vec<u64> {
-        self.nodes
-            .values()
-            .filter(|n| n.role() == Role::Leader)
-            .map(|n| n.id())
-            .collect()
-    }
-
-    /// Elects `id` (all members reachable).
-    fn elect(&mut self, id: u64) {
-        self.node(id).campaign();
-        self.flush();
-        assert_eq!(self.leaders(), vec![id]);
-    }
-
-    fn propose(&mut self, id: u64, n: usize) {
-        for i in 0..n {
-            self.node(id)
-                .propose(Bytes::from(format!("cmd{i}")), None)
-                .unwrap();
-        }
-        self.flush();
-    }
 }
 
 // ----- elections -----------------------------------------------------------------------------
@@ -781,11 +667,7 @@ fn a_membership_change_before_the_new_leaders_first_commit_is_refused() {
 fn learner_added_promoted_and_a_voter_removed() {
     let mut net = Net::new(3, |_| {});
     net.elect(1);
-    net.nodes.insert(
-        4,
-        RaftNode::new(Config::new(4), pb::ClusterConfig::default()).unwrap(),
-    );
-    net.durable.insert(4, Durable::default());
+    net.add_empty_member(4);
     net.node(1)
         .propose_config_change(ConfigChange::AddLearner {
             id: 4,

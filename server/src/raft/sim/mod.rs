@@ -15,6 +15,7 @@
 //! the delivery of every message due by then.
 
 pub mod invariants;
+pub mod mem_cluster;
 pub mod network;
 pub mod state_machine;
 
