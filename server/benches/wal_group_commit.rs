@@ -10,6 +10,8 @@
 //! Criterion reports each case in entries per second (`Throughput::Elements`). A short second pass
 //! then measures each case again with its own loop, to print per-sync latency percentiles and the
 //! ratio that matters: entries/s ÷ raw fdatasync/s (1.0 = as fast as a bare write + fdatasync).
+//! That pass measures the raw rate before and after the WAL cases and divides by the mean, so a
+//! disk whose speed drifts during the run does not favour either side.
 //!
 //! Where: `$CARGO_TARGET_TMPDIR` (`target/tmp` in the workspace), i.e. the disk the workspace is
 //! on, not a tmpfs: `fdatasync` on tmpfs costs nothing and would make the numbers meaningless.
@@ -197,28 +199,37 @@ fn measure(
 }
 
 fn summary_pass(dir: &BenchDir) -> Result<(), Box<dyn std::error::Error>> {
-    let mut results = Vec::new();
+    // The raw rate is measured before and after the WAL cases, and the ratios use the mean, so
+    // that a disk that speeds up or slows down during the run does not favour either side.
     let mut raw = RawFile::create(&dir.sub("raw-summary"))?;
-    results.push(measure("raw write+fdatasync".into(), 1, || {
+    let raw_before = measure("raw write+fdatasync (1st)".into(), 1, || {
         Ok(raw.write_and_sync()?)
-    })?);
+    })?;
+    let mut results = Vec::new();
     for n in GROUPS {
         let mut writer = WalWriter::open(&dir.sub(&format!("wal-summary-{n}")))?;
         results.push(measure(format!("wal, {n} entries/sync"), n, || {
             writer.commit(n)
         })?);
     }
-    let raw_rate = results[0].entries_per_sec();
+    let raw_after = measure("raw write+fdatasync (2nd)".into(), 1, || {
+        Ok(raw.write_and_sync()?)
+    })?;
+    let raw_rate = (raw_before.entries_per_sec() + raw_after.entries_per_sec()) / 2.0;
+    results.insert(0, raw_before);
+    results.push(raw_after);
+
     println!();
     println!(
-        "summary ({PAYLOAD}-byte entries, {} s per case, dir {}):",
+        "summary ({PAYLOAD}-byte entries, {} s per case, dir {}); \
+         raw fdatasync/s (mean of both raw runs) = {raw_rate:.0}",
         SUMMARY_TIME.as_secs_f64(),
         dir.0.display()
     );
     for m in &results {
         println!(
-            "  {:<24} {:>10.0} entries/s  {:>8.0} syncs/s  p50 {:>8.1} us  p99 {:>8.1} us  \
-             ratio to raw fdatasync/s: {:>6.2}",
+            "  {:<26} {:>9.0} entries/s {:>6.0} syncs/s  p50 {:>7.1} us  p99 {:>7.1} us  \
+             entries/s / raw fdatasync/s = {:>6.2}",
             m.name,
             m.entries_per_sec(),
             m.syncs as f64 / m.elapsed.as_secs_f64(),

@@ -75,16 +75,16 @@ fn assert_exercised(r: &Report, seeds: u64) {
 #[test]
 fn three_members_under_partitions_crashes_and_membership_changes() {
     let cfg = SimConfig::hostile(3);
-    let seeds = seeds_from_env(0, 2000).len() as u64;
-    let r = run_seeds("3 members", &cfg, 0, 2000);
+    let seeds = seeds_from_env(0, 5000).len() as u64;
+    let r = run_seeds("3 members", &cfg, 0, 5000);
     assert_exercised(&r, seeds);
 }
 
 #[test]
 fn five_members_under_partitions_crashes_and_membership_changes() {
     let cfg = SimConfig::hostile(5);
-    let seeds = seeds_from_env(1_000_000, 2000).len() as u64;
-    let r = run_seeds("5 members", &cfg, 1_000_000, 2000);
+    let seeds = seeds_from_env(1_000_000, 5000).len() as u64;
+    let r = run_seeds("5 members", &cfg, 1_000_000, 5000);
     assert_exercised(&r, seeds);
 }
 

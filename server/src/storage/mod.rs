@@ -45,7 +45,7 @@ mod entry_log;
 mod error;
 mod fsutil;
 pub mod memory;
-pub mod snapshot;
+mod snapshot;
 pub mod wal;
 
 #[cfg(test)]
@@ -129,7 +129,8 @@ pub trait LogStore {
     /// (0 for an empty store).
     fn last_index(&self) -> u64;
 
-    /// The term of the entry at `index`; at the snapshot index, the snapshot's term (0 at index 0).
+    /// The term of the entry at `index`; at the snapshot index, the snapshot's term (so index 0
+    /// has term 0 in a store without a snapshot).
     /// [`StorageError::Compacted`] below that, [`StorageError::Unavailable`] past `last_index()`.
     fn term(&self, index: u64) -> Result<u64, StorageError>;
 

@@ -17,7 +17,7 @@
 //! # Rules
 //!
 //! - A snapshot is written to `<name>.tmp`, fsynced, renamed to `<name>`, and the directory is
-//!   fsynced ([`write_atomic`](super::fsutil::write_atomic)). So a file with a final name is always
+//!   fsynced (`fsutil::write_atomic`). So a file with a final name is always
 //!   complete; a crash leaves at most a `.tmp` file, which opening removes.
 //! - Only the newest snapshot is needed: older files are removed once a newer one is durable (and
 //!   again at open, in case a crash came in between).

@@ -24,7 +24,7 @@
 //!
 //! # Compaction
 //!
-//! After a snapshot at `S`, [`Wal::purge_segments`] deletes the segments before the newest one
+//! After a snapshot at `S`, `Wal::purge_segments` deletes the segments before the newest one
 //! whose `start` (the log's last index + 1 when it was created) is at most `S + 1`. When that
 //! segment was created, the log ended at or below `S`, so every entry above `S` that the log has
 //! held since, and every overwrite that shaped it, was written to it or to a later segment: replay

@@ -28,6 +28,12 @@
 //! no valid frame starts anywhere after it; it reports it as [`Tail::Torn`] for the caller to cut
 //! away. A bad frame anywhere else, or one followed by a valid frame, is [`StorageError::Corrupt`],
 //! naming the file and the byte offset: recovery never skips data.
+//!
+//! Two limits, both inherent to a log without a separate commit marker: damage to the final frame
+//! itself (say a flipped bit after it was synced) looks exactly like a torn write, so that one
+//! batch is dropped as if its sync never finished; and if user data inside a torn frame happens to
+//! contain a complete, CRC-valid frame, recovery refuses to start rather than guess. The first
+//! only ever loses the last batch; the second fails safe.
 
 use std::path::{Path, PathBuf};
 

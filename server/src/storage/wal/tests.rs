@@ -150,7 +150,9 @@ fn frame_ranges(path: &Path) -> Result<Vec<(usize, usize)>, Box<dyn Error>> {
 
 #[test]
 fn round_trip_recovers_synced_entries_hard_state_and_snapshot() -> TestResult {
-    let tmp = scratch()?;
+    // On the system temp dir rather than tmpfs, so that at least one test runs every fsync path
+    // (file, directory, rename) against a real file system.
+    let tmp = tempfile::tempdir()?;
     let (mut wal, state) = Wal::open(tmp.path(), WalOptions::default())?;
     assert_eq!(state, RecoveredState::default());
     wal.append(&run(1, 10, 1))?;
