@@ -37,5 +37,14 @@ pub mod raft {
     }
 }
 
+/// `sync.internal.v1`: the replicated state machine's commands and snapshot format (never seen
+/// by clients).
+pub mod internal {
+    /// Version 1 of the internal records.
+    pub mod v1 {
+        tonic::include_proto!("sync.internal.v1");
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every syncd proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sync_descriptor");

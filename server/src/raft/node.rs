@@ -386,6 +386,15 @@ impl RaftNode {
         Ok(meta)
     }
 
+    /// Metadata of a snapshot of the state machine at `index` (the term there and the
+    /// configuration in force), if `index` is applied and still in the log. The runtime saves
+    /// the snapshot with it, then calls [`RaftNode::compact`].
+    pub fn snapshot_metadata(&self, index: u64) -> Option<pb::SnapshotMetadata> {
+        let (snap_index, _) = self.log.snapshot_point();
+        (index >= snap_index && index <= self.log.applied() && self.log.term(index).is_some())
+            .then(|| self.snapshot_metadata_at(index))
+    }
+
     /// Metadata of a snapshot at `index` (held in the log or the snapshot point).
     fn snapshot_metadata_at(&self, index: u64) -> pb::SnapshotMetadata {
         pb::SnapshotMetadata {

@@ -141,6 +141,42 @@ impl<R: Clone> ClientTable<R> {
         }
     }
 
+    /// Every remembered client as `(id, floor, last_index, responses)`, and every forgotten
+    /// client as `(id, reached)`, in id order: what a snapshot stores.
+    #[allow(clippy::type_complexity)]
+    pub fn export(&self) -> (Vec<(u64, u64, u64, Vec<(u64, R)>)>, Vec<(u64, u64)>) {
+        let clients = self
+            .clients
+            .iter()
+            .map(|(&id, r)| {
+                let responses = r.responses.iter().map(|(&s, v)| (s, v.clone())).collect();
+                (id, r.floor, r.last_index, responses)
+            })
+            .collect();
+        let forgotten = self.forgotten.iter().map(|(&id, &r)| (id, r)).collect();
+        (clients, forgotten)
+    }
+
+    /// Rebuilds a table from what [`ClientTable::export`] returned.
+    pub fn import(
+        &mut self,
+        clients: impl IntoIterator<Item = (u64, u64, u64, Vec<(u64, R)>)>,
+        forgotten: impl IntoIterator<Item = (u64, u64)>,
+    ) {
+        self.clients = clients
+            .into_iter()
+            .map(|(id, floor, last_index, responses)| {
+                let record = ClientRecord {
+                    floor,
+                    responses: responses.into_iter().collect(),
+                    last_index,
+                };
+                (id, record)
+            })
+            .collect();
+        self.forgotten = forgotten.into_iter().collect();
+    }
+
     /// Number of clients remembered.
     pub fn len(&self) -> usize {
         self.clients.len()

@@ -1,0 +1,180 @@
+//! The public gRPC services: each file translates requests into node calls and node errors into
+//! gRPC statuses, and forwards what must run on the leader.
+//!
+//! - [`cluster`]: `sync.v1.Cluster` (status, membership, leadership, snapshots, watch).
+//! - [`kv`]: `sync.v1.Kv` (replicated registers).
+//!
+//! Routing (common.proto): a call that must run on the leader is forwarded by the node that
+//! received it, once, marked with `x-sync-forwarded` so a stale view can never make two nodes
+//! forward to each other forever. When it cannot be forwarded the answer is UNAVAILABLE with
+//! the `x-sync-leader-id` / `x-sync-leader-addr` trailers naming the leader if known.
+
+pub mod cluster;
+pub mod kv;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::node::{NodeError, NodeHandle};
+use crate::raft::RaftError;
+
+/// Metadata key marking a forwarded request.
+pub const FORWARDED: &str = "x-sync-forwarded";
+/// Trailer naming the leader's id.
+pub const LEADER_ID: &str = "x-sync-leader-id";
+/// Trailer naming the leader's address.
+pub const LEADER_ADDR: &str = "x-sync-leader-addr";
+
+/// Deadline used when the client sets none.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The node error as a gRPC status, with leader trailers where they help.
+pub fn status_of(e: NodeError) -> Status {
+    let message = e.to_string();
+    match e {
+        NodeError::NotLeader { leader } => not_leader(leader, &message),
+        NodeError::Lost | NodeError::ShuttingDown => Status::unavailable(message),
+        NodeError::Expired => Status::aborted(message),
+        NodeError::Timeout(_) => Status::deadline_exceeded(message),
+        NodeError::Storage(_) => Status::internal(message),
+        NodeError::Raft(r) => match r {
+            RaftError::NotLeader { .. }
+            | RaftError::TransferInProgress { .. }
+            | RaftError::LeaderNotReady => Status::unavailable(message),
+            RaftError::ConfigChangePending { .. }
+            | RaftError::InvalidConfigChange(_)
+            | RaftError::InvalidTransferTarget(_)
+            | RaftError::Compaction { .. } => Status::failed_precondition(message),
+            _ => Status::internal(message),
+        },
+    }
+}
+
+/// UNAVAILABLE, naming the leader in the trailers when known.
+pub fn not_leader(leader: Option<(u64, String)>, message: &str) -> Status {
+    let mut md = MetadataMap::new();
+    if let Some((id, addr)) = &leader {
+        if let Ok(v) = MetadataValue::try_from(id.to_string()) {
+            md.insert(LEADER_ID, v);
+        }
+        if let Ok(v) = MetadataValue::try_from(addr.as_str()) {
+            md.insert(LEADER_ADDR, v);
+        }
+    }
+    let message = if leader.is_none() {
+        format!("{message}; no leader is known right now (election in progress?), retry shortly")
+    } else {
+        message.to_string()
+    };
+    Status::with_metadata(Code::Unavailable, message, md)
+}
+
+/// The deadline the client set (`grpc-timeout`), or the default.
+pub fn deadline_of(md: &MetadataMap) -> Duration {
+    md.get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .unwrap_or(DEFAULT_DEADLINE)
+}
+
+/// Parses a `grpc-timeout` value such as `100m` or `5S`.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// True if the request was already forwarded once.
+pub fn was_forwarded(md: &MetadataMap) -> bool {
+    md.get(FORWARDED).is_some()
+}
+
+/// Builds a request for forwarding: marked, with the remaining deadline.
+pub fn forward_request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(deadline);
+    r.metadata_mut()
+        .insert(FORWARDED, MetadataValue::from_static("1"));
+    r
+}
+
+/// Reused connections to the other nodes, for forwarding.
+#[derive(Default)]
+pub struct Forwarder {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    /// A (lazily connected) channel to `address`.
+    pub fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| Status::internal("forwarder lock poisoned"))?;
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("leader address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Where a leader-only call should run: here, or forwarded to the leader.
+pub enum Route {
+    /// This node leads (or believes so): run it here.
+    Local,
+    /// Forward to this address.
+    Forward(String),
+}
+
+/// Decides where a leader-only call runs, or answers UNAVAILABLE naming the leader.
+pub fn route(node: &NodeHandle, md: &MetadataMap) -> Result<Route, Status> {
+    if node.is_leader() {
+        return Ok(Route::Local);
+    }
+    let leader = node.leader();
+    match leader {
+        Some((_, addr)) if !addr.is_empty() && !was_forwarded(md) => Ok(Route::Forward(addr)),
+        other => Err(not_leader(other, "this node is not the leader")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn not_leader_names_the_leader_in_trailers() {
+        let s = not_leader(Some((2, "127.0.0.1:7002".into())), "not the leader");
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get(LEADER_ID).unwrap(), "2");
+        assert_eq!(s.metadata().get(LEADER_ADDR).unwrap(), "127.0.0.1:7002");
+    }
+}

@@ -1,0 +1,546 @@
+//! The node's settings: command-line flags, each also read from `SYNCD_<FLAG>` and from an
+//! optional `--config syncd.toml` (flags win over the environment, which wins over the file),
+//! checked into [`Settings`] with one clear error per problem.
+//!
+//! A data directory remembers which node and which cluster it belongs to (`syncd.meta`), so a
+//! restarted node takes its identity from it and a directory can never be used by another node
+//! or another cluster by mistake.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sync_proto::raft::v1 as pb;
+
+/// Whether the node founds a cluster or joins one that runs already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    /// A founding member: the initial cluster is the first configuration.
+    New,
+    /// Joins an existing cluster: it learns the configuration from the leader once an operator
+    /// adds it with `Cluster.AddMember`.
+    Existing,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The flags, as given (every one optional here so the config file can fill the gaps).
+#[derive(clap::Parser, Debug, Default, Deserialize)]
+#[command(
+    name = "syncd",
+    version,
+    about = "A syncd node: Raft-replicated locks, queues and a coherent cache over gRPC.",
+    after_help = "Example (a 3-node cluster on one machine, node 1):\n  syncd --id 1 --listen 127.0.0.1:7001 \\\n    --initial-cluster 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \\\n    --data-dir ./data/1 --metrics-listen 127.0.0.1:9001\n\nEvery flag can also be set as SYNCD_<FLAG> (e.g. SYNCD_DATA_DIR) or in the --config file."
+)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Flags {
+    /// This node's id (a positive integer, unique in the cluster for all time).
+    #[arg(long, env = "SYNCD_ID")]
+    pub id: Option<u64>,
+    /// Address to serve gRPC on (peers and clients), e.g. 127.0.0.1:7001.
+    #[arg(long, env = "SYNCD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address that peers and clients should use to reach this node (default: --listen).
+    #[arg(long, env = "SYNCD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The founding members: id=host:port,... (must include this node when founding).
+    #[arg(long, env = "SYNCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// `new` to found the cluster, `existing` to join a running one.
+    #[arg(long, env = "SYNCD_INITIAL_CLUSTER_STATE", value_enum)]
+    pub initial_cluster_state: Option<ClusterState>,
+    /// Directory for the log, snapshots and the node's identity.
+    #[arg(long, env = "SYNCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to serve Prometheus metrics and /healthz on (HTTP), e.g. 127.0.0.1:9001.
+    #[arg(long, env = "SYNCD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Leader heartbeat interval (one Raft tick), e.g. 100ms.
+    #[arg(long, env = "SYNCD_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Election timeout (a follower waits a random time between this and twice this), e.g. 1s.
+    #[arg(long, env = "SYNCD_ELECTION_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub election_timeout: Option<Duration>,
+    /// Take a snapshot and compact the log after this many applied entries.
+    #[arg(long, env = "SYNCD_SNAPSHOT_THRESHOLD")]
+    pub snapshot_threshold: Option<u64>,
+    /// Log format: text or json.
+    #[arg(long, env = "SYNCD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log level or filter, e.g. info or syncd=debug.
+    #[arg(long, env = "SYNCD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// A TOML file with any of these settings (kebab-case keys).
+    #[arg(long, env = "SYNCD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+/// Deserializes optional durations written as "100ms" in the config file.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Checked settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This node's id.
+    pub id: u64,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Address advertised to peers and clients.
+    pub advertise: String,
+    /// The configuration at index 0 (founding members; empty when joining).
+    pub initial: pb::ClusterConfig,
+    /// Founding or joining.
+    pub cluster_state: ClusterState,
+    /// The cluster's identity (derived from the founding member ids).
+    pub cluster_id: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Metrics listen address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// One Raft tick.
+    pub heartbeat_interval: Duration,
+    /// Election timeout.
+    pub election_timeout: Duration,
+    /// Entries between snapshots.
+    pub snapshot_threshold: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl Settings {
+    /// Ticks in an election timeout.
+    pub fn election_ticks(&self) -> u32 {
+        let ticks = self.election_timeout.as_micros() / self.heartbeat_interval.as_micros().max(1);
+        ticks.clamp(2, 10_000) as u32
+    }
+}
+
+/// A configuration problem, said in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(s: &str) -> Result<pb::ClusterConfig, ConfigError> {
+    let mut members = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut addrs = BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((id, addr)) = part.split_once('=') else {
+            return err(format!(
+                "--initial-cluster entry {part:?} is not id=host:port"
+            ));
+        };
+        let id: u64 = match id.trim().parse() {
+            Ok(id) if id > 0 => id,
+            _ => {
+                return err(format!(
+                    "--initial-cluster entry {part:?}: the id must be a positive integer"
+                ));
+            }
+        };
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return err(format!(
+                "--initial-cluster entry {part:?}: the address must be host:port"
+            ));
+        }
+        if !ids.insert(id) {
+            return err(format!("--initial-cluster names node {id} twice"));
+        }
+        if !addrs.insert(addr.to_string()) {
+            return err(format!(
+                "--initial-cluster gives address {addr} to two nodes"
+            ));
+        }
+        members.push(pb::Member {
+            id,
+            address: addr.to_string(),
+            learner: false,
+        });
+    }
+    if members.is_empty() {
+        return err("--initial-cluster is empty");
+    }
+    members.sort_by_key(|m| m.id);
+    Ok(pb::ClusterConfig { members })
+}
+
+/// The cluster identity: a digest of the founding member ids (addresses may differ per node and
+/// may change).
+pub fn cluster_id(initial: &pb::ClusterConfig) -> String {
+    let ids: Vec<String> = initial.members.iter().map(|m| m.id.to_string()).collect();
+    let digest = crc32fast::hash(format!("syncd-cluster-v1:{}", ids.join(",")).as_bytes());
+    format!("{digest:08x}")
+}
+
+/// What a data directory remembers about its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataDirMeta {
+    /// The node that owns it.
+    pub node_id: u64,
+    /// The cluster it belongs to ("" for a node that joined an existing cluster).
+    pub cluster_id: String,
+    /// The founding members as this node first saw them: `id=address` pairs.
+    pub initial_cluster: String,
+}
+
+const META_FILE: &str = "syncd.meta";
+
+/// Reads a data directory's identity, if it has one.
+pub fn read_meta(dir: &Path) -> Result<Option<DataDirMeta>, ConfigError> {
+    let path = dir.join(META_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| ConfigError(format!("{} is unreadable: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Writes a data directory's identity (atomically: temp file, fsync, rename).
+pub fn write_meta(dir: &Path, meta: &DataDirMeta) -> Result<(), ConfigError> {
+    let text = toml::to_string(meta).map_err(|e| ConfigError(e.to_string()))?;
+    let tmp = dir.join(format!("{META_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(META_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| ConfigError(format!("cannot write identity to {}: {e}", dir.display())))
+}
+
+fn render_cluster(c: &pb::ClusterConfig) -> String {
+    c.members
+        .iter()
+        .map(|m| format!("{}={}", m.id, m.address))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Flags {
+    /// Fills every unset flag from the `--config` file, if one was given.
+    pub fn merge_config_file(mut self) -> Result<Flags, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("cannot read --config {}: {e}", path.display())))?;
+        let file: Flags = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            id,
+            listen,
+            advertise,
+            initial_cluster,
+            initial_cluster_state,
+            data_dir,
+            metrics_listen,
+            heartbeat_interval,
+            election_timeout,
+            snapshot_threshold,
+            log_format,
+            log_level
+        );
+        Ok(self)
+    }
+
+    /// Checks the flags against each other and against the data directory, creating the
+    /// directory and recording its identity on first start.
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let Some(data_dir) = self.data_dir.clone() else {
+            return err("--data-dir is required (where the log and snapshots live)");
+        };
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            ConfigError(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let probe = data_dir.join(".syncd-write-probe");
+        std::fs::write(&probe, b"")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                ConfigError(format!(
+                    "data dir {} is not writable: {e}",
+                    data_dir.display()
+                ))
+            })?;
+        let meta = read_meta(&data_dir)?;
+        let flag_cluster = self
+            .initial_cluster
+            .as_deref()
+            .map(parse_initial_cluster)
+            .transpose()?;
+        let state = self.initial_cluster_state.unwrap_or(ClusterState::New);
+
+        let id = match (self.id, &meta) {
+            (Some(id), Some(m)) if id != m.node_id => {
+                return err(format!(
+                    "data dir {} belongs to node {}, not node {id}",
+                    data_dir.display(),
+                    m.node_id
+                ));
+            }
+            (Some(0), _) => return err("--id must be a positive integer"),
+            (Some(id), _) => id,
+            (None, Some(m)) => m.node_id,
+            (None, None) => return err("--id is required on first start"),
+        };
+
+        // The founding configuration: from the flag, checked against the data dir's record.
+        let initial = match (&flag_cluster, &meta, state) {
+            (_, _, ClusterState::Existing) => pb::ClusterConfig::default(),
+            (Some(c), Some(m), _) if !m.cluster_id.is_empty() && cluster_id(c) != m.cluster_id => {
+                return err(format!(
+                    "data dir {} belongs to cluster {} ({}), but --initial-cluster describes \
+                     cluster {} ({}); use another data dir or the original --initial-cluster",
+                    data_dir.display(),
+                    m.cluster_id,
+                    m.initial_cluster,
+                    cluster_id(c),
+                    render_cluster(c)
+                ));
+            }
+            (Some(c), _, _) => c.clone(),
+            (None, Some(m), _) if !m.initial_cluster.is_empty() => {
+                parse_initial_cluster(&m.initial_cluster)?
+            }
+            (None, _, _) => {
+                return err("--initial-cluster is required on first start (id=host:port,...)");
+            }
+        };
+        let joined_as_existing = meta.as_ref().is_some_and(|m| m.cluster_id.is_empty());
+        let initial = if joined_as_existing {
+            pb::ClusterConfig::default()
+        } else {
+            initial
+        };
+        if state == ClusterState::New
+            && !joined_as_existing
+            && initial.members.iter().all(|m| m.id != id)
+        {
+            return err(format!(
+                "node {id} is not in --initial-cluster ({}); add it, or start with \
+                 --initial-cluster-state existing to join a running cluster",
+                render_cluster(&initial)
+            ));
+        }
+        let listen = match (self.listen, initial.members.iter().find(|m| m.id == id)) {
+            (Some(l), _) => l,
+            (None, Some(m)) => m.address.parse().map_err(|_| {
+                ConfigError(format!(
+                    "--listen is required: the initial cluster address {} of node {id} is not \
+                     an IP:port",
+                    m.address
+                ))
+            })?,
+            (None, None) => return err("--listen is required (e.g. 127.0.0.1:7001)"),
+        };
+        let advertise = self.advertise.clone().unwrap_or_else(|| {
+            initial
+                .members
+                .iter()
+                .find(|m| m.id == id)
+                .map(|m| m.address.clone())
+                .unwrap_or_else(|| listen.to_string())
+        });
+        let heartbeat_interval = self
+            .heartbeat_interval
+            .unwrap_or(Duration::from_millis(100));
+        let election_timeout = self.election_timeout.unwrap_or(Duration::from_secs(1));
+        if heartbeat_interval.is_zero() {
+            return err("--heartbeat-interval must be greater than 0");
+        }
+        if election_timeout < heartbeat_interval * 2 {
+            return err(format!(
+                "--election-timeout ({}) must be at least twice --heartbeat-interval ({})",
+                humantime::format_duration(election_timeout),
+                humantime::format_duration(heartbeat_interval)
+            ));
+        }
+        let snapshot_threshold = self.snapshot_threshold.unwrap_or(10_000);
+        if snapshot_threshold == 0 {
+            return err("--snapshot-threshold must be at least 1");
+        }
+        if let Some(m) = self.metrics_listen
+            && m == listen
+        {
+            return err("--metrics-listen must differ from --listen");
+        }
+        let cluster_id = if initial.members.is_empty() {
+            String::new()
+        } else {
+            cluster_id(&initial)
+        };
+        if meta.is_none() {
+            write_meta(
+                &data_dir,
+                &DataDirMeta {
+                    node_id: id,
+                    cluster_id: cluster_id.clone(),
+                    initial_cluster: render_cluster(&initial),
+                },
+            )?;
+        }
+        Ok(Settings {
+            id,
+            listen,
+            advertise,
+            initial,
+            cluster_state: state,
+            cluster_id,
+            data_dir,
+            metrics_listen: self.metrics_listen,
+            heartbeat_interval,
+            election_timeout,
+            snapshot_threshold,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+            log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(dir: &Path, id: u64, cluster: &str) -> Flags {
+        Flags {
+            id: Some(id),
+            initial_cluster: Some(cluster.into()),
+            data_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    const CLUSTER: &str = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003";
+
+    #[test]
+    fn a_founding_node_records_its_identity_and_a_restart_takes_it_from_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = flags(dir.path(), 2, CLUSTER).resolve().unwrap();
+        assert_eq!(s.id, 2);
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7002");
+        let restarted = Flags {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(restarted.id, 2);
+        assert_eq!(restarted.cluster_id, s.cluster_id);
+        assert_eq!(restarted.initial, s.initial);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_one_clear_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (flags(dir.path(), 4, CLUSTER), "not in --initial-cluster"),
+            (
+                flags(dir.path(), 1, "1=127.0.0.1:7001,2=127.0.0.1:7001"),
+                "gives address 127.0.0.1:7001 to two nodes",
+            ),
+            (
+                flags(dir.path(), 1, "1=127.0.0.1:7001,1=127.0.0.1:7002"),
+                "names node 1 twice",
+            ),
+            (flags(dir.path(), 1, "1=nowhere"), "must be host:port"),
+        ];
+        for (f, expected) in cases {
+            let e = f.resolve().unwrap_err().to_string();
+            assert!(e.contains(expected), "{e:?} should mention {expected:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_data_dir_of_another_node_or_cluster_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        flags(dir.path(), 1, CLUSTER).resolve().unwrap();
+        let other_node = flags(dir.path(), 2, CLUSTER).resolve().unwrap_err();
+        assert!(other_node.to_string().contains("belongs to node 1"));
+        let other_cluster = flags(dir.path(), 1, "1=127.0.0.1:7001,5=127.0.0.1:7005")
+            .resolve()
+            .unwrap_err();
+        assert!(other_cluster.to_string().contains("belongs to cluster"));
+    }
+
+    #[test]
+    fn addresses_may_differ_between_nodes_of_one_cluster() {
+        let a = parse_initial_cluster(CLUSTER).unwrap();
+        let b =
+            parse_initial_cluster("1=127.0.0.1:7001,2=127.0.0.1:17002,3=127.0.0.1:17003").unwrap();
+        assert_eq!(cluster_id(&a), cluster_id(&b));
+    }
+
+    #[test]
+    fn the_config_file_fills_what_flags_leave_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("syncd.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "id = 3\ninitial-cluster = \"{CLUSTER}\"\nelection-timeout = \"500ms\"\n\
+                 data-dir = \"{}\"\n",
+                dir.path().join("d").display()
+            ),
+        )
+        .unwrap();
+        let s = Flags {
+            config: Some(file),
+            heartbeat_interval: Some(Duration::from_millis(50)),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(s.id, 3);
+        assert_eq!(s.election_timeout, Duration::from_millis(500));
+        assert_eq!(s.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(s.election_ticks(), 10);
+    }
+}
