@@ -21,7 +21,7 @@ use tonic_health::ServingStatus;
 use crate::api::Forwarder;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
-use crate::metrics::{self, GrpcMetrics, GrpcMetricsLayer, HealthReport};
+use crate::metrics::{self, GrpcMetricsLayer, HealthReport};
 use crate::node::config::Settings;
 use crate::node::driver::NodeStatus;
 use crate::node::transport::{MAX_MESSAGE_BYTES, RaftService};
@@ -80,9 +80,8 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    // Also describes every metric and records the build info.
     let prometheus = metrics::install_recorder().map_err(|e| ServeError::Metrics(e.to_string()))?;
-    metrics::describe_all();
-    metrics::record::build_info(env!("CARGO_PKG_VERSION"));
     metrics::record::node_info(settings.id);
 
     let listen = settings.listen;
@@ -211,13 +210,4 @@ fn node_inputs(
     running: &node::RunningNode,
 ) -> tokio::sync::mpsc::UnboundedSender<node::driver::Input> {
     running.handle.inputs()
-}
-
-/// Lets the per-RPC metrics wrap the whole gRPC router.
-impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics::new(inner)
-    }
 }

@@ -69,6 +69,15 @@ impl GrpcMetricsLayer {
     }
 }
 
+/// Lets `Server::builder().layer(GrpcMetricsLayer::new())` wrap the whole gRPC router.
+impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetrics<S> {
+        GrpcMetrics::new(inner)
+    }
+}
+
 /// A service that records `syncd_grpc_server_requests_total` and
 /// `syncd_grpc_server_request_duration_seconds` for every request it passes to `S`.
 ///

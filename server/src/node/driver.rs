@@ -24,6 +24,7 @@ use super::NodeError;
 use super::config::Settings;
 use super::persist::{PersistDone, PersistJob};
 use super::transport::{PeerHandle, SnapshotCache, TransportTiming, spawn_peer};
+use crate::metrics::record::{self, Proposal};
 use crate::raft::{
     ClusterConfigExt, ConfigChange, Message, NodeId, PeerStatus, RaftError, RaftNode, Role,
 };
@@ -608,8 +609,7 @@ impl Driver {
         match self.raft.propose_batch(commands) {
             Ok((first, _)) => {
                 let term = self.raft.term();
-                metrics::counter!("syncd_raft_proposals_total", "result" => "ok")
-                    .increment(replies.len() as u64);
+                record::proposals(Proposal::Ok, replies.len() as u64);
                 for (i, reply) in replies.into_iter().enumerate() {
                     self.proposals.insert(
                         first + i as u64,
@@ -621,8 +621,7 @@ impl Driver {
                 }
             }
             Err(e) => {
-                metrics::counter!("syncd_raft_proposals_total", "result" => "rejected")
-                    .increment(replies.len() as u64);
+                record::proposals(Proposal::Rejected, replies.len() as u64);
                 let e = self.raft_error(e);
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
@@ -785,8 +784,7 @@ impl Driver {
             PersistDone::SnapshotSaved { meta, data, took } => {
                 self.snapshot_in_flight = false;
                 let size = data.len() as u64;
-                metrics::counter!("syncd_snapshots_total").increment(1);
-                metrics::histogram!("syncd_snapshot_duration_seconds").record(took.as_secs_f64());
+                record::snapshot_taken(took);
                 if meta.last_index > self.snapshot_index {
                     self.snapshot_index = meta.last_index;
                     if let Ok(mut cache) = self.snapshots.write() {
@@ -908,11 +906,7 @@ impl Driver {
                 .get(&m.id)
                 .is_some_and(|t| now.duration_since(*t) < timeout);
             if self.reachable.insert(m.id, alive) != Some(alive) {
-                metrics::gauge!("syncd_peer_reachable", "peer" => m.id.to_string()).set(if alive {
-                    1.0
-                } else {
-                    0.0
-                });
+                record::peer_reachable(m.id, alive);
                 let _ = self.events.send(ClusterEvent::ReachabilityChanged {
                     id: m.id,
                     reachable: alive,
@@ -945,7 +939,7 @@ impl Driver {
         self.check_transfer();
         let leader = self.raft.leader();
         if leader != self.last_leader {
-            metrics::counter!("syncd_raft_leader_changes_total").increment(1);
+            record::leader_changed();
             tracing::info!(term = self.raft.term(), leader = ?leader, role = ?self.raft.role(), "leader changed");
             let _ = self.events.send(ClusterEvent::LeaderChanged {
                 leader,
@@ -980,23 +974,16 @@ impl Driver {
             snapshot_index: self.snapshot_index,
             members,
         };
-        metrics::gauge!("syncd_raft_term").set(status.term as f64);
-        metrics::gauge!("syncd_raft_commit_index").set(status.commit as f64);
-        metrics::gauge!("syncd_raft_applied_index").set(status.applied as f64);
-        metrics::gauge!("syncd_raft_log_entries")
-            .set((status.last_index + 1).saturating_sub(self.raft.first_index()) as f64);
+        record::term(status.term);
+        record::commit_index(status.commit);
+        record::applied_index(status.applied);
+        record::role(status.role);
+        record::log_size(
+            (status.last_index + 1).saturating_sub(self.raft.first_index()),
+            self.raft.log_bytes(),
+        );
         for (id, p) in &progress {
-            metrics::gauge!("syncd_peer_replication_lag_entries", "peer" => id.to_string())
-                .set(status.last_index.saturating_sub(p.matched) as f64);
-        }
-        for role in [
-            Role::Follower,
-            Role::PreCandidate,
-            Role::Candidate,
-            Role::Leader,
-        ] {
-            metrics::gauge!("syncd_raft_role", "role" => role_name(role))
-                .set(if role == status.role { 1.0 } else { 0.0 });
+            record::peer_lag(*id, status.last_index.saturating_sub(p.matched));
         }
         self.status_tx.send_if_modified(|s| {
             if *s != status {
@@ -1006,15 +993,5 @@ impl Driver {
                 false
             }
         });
-    }
-}
-
-/// The role's name in metrics and logs.
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Follower => "follower",
-        Role::PreCandidate => "pre_candidate",
-        Role::Candidate => "candidate",
-        Role::Leader => "leader",
     }
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use sync_proto::raft::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::metrics::record;
 use crate::raft::Message;
 use crate::storage::{LogStore, StorageError, Wal};
 
@@ -103,9 +104,8 @@ fn run_batch(
         }
         let started = Instant::now();
         wal.sync()?;
-        metrics::histogram!("syncd_wal_fsync_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("syncd_wal_batch_entries").record(*entries as f64);
+        record::wal_fsync(started.elapsed());
+        record::wal_batch(*entries as usize);
         *entries = 0;
         for d in pending.drain(..) {
             let _ = done.send(d);

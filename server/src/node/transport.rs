@@ -143,8 +143,7 @@ async fn run_peer(
             match send_one(&mut raft, m, &snapshots, timing.rpc_timeout).await {
                 Ok(answer) => {
                     backoff = Duration::ZERO;
-                    metrics::histogram!("syncd_peer_rtt_seconds", "peer" => id.to_string())
-                        .record(started.elapsed().as_secs_f64());
+                    crate::metrics::record::peer_rtt(id, started.elapsed());
                     let _ = driver.send(Input::PeerAnswer(answer));
                 }
                 Err(status) => {

@@ -32,6 +32,12 @@ pub struct RaftLog {
     persisted: u64,
     /// First index not yet handed out for persisting.
     unstable_from: u64,
+    /// Bytes of entry data held (for the log-size metric).
+    data_bytes: u64,
+}
+
+fn data_bytes(entries: &[pb::Entry]) -> u64 {
+    entries.iter().map(|e| e.data.len() as u64).sum()
 }
 
 impl RaftLog {
@@ -45,6 +51,7 @@ impl RaftLog {
     ) -> Self {
         let last = snapshot_index + entries.len() as u64;
         RaftLog {
+            data_bytes: data_bytes(&entries),
             snapshot_index,
             snapshot_term,
             entries,
@@ -76,6 +83,11 @@ impl RaftLog {
     /// The snapshot point `(index, term)`.
     pub fn snapshot_point(&self) -> (u64, u64) {
         (self.snapshot_index, self.snapshot_term)
+    }
+
+    /// Bytes of entry data held after the snapshot.
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
     }
 
     /// Highest committed index.
@@ -166,6 +178,7 @@ impl RaftLog {
                 .first()
                 .is_none_or(|e| e.index == self.last_index() + 1)
         );
+        self.data_bytes += data_bytes(&entries);
         self.entries.extend(entries);
     }
 
@@ -191,8 +204,10 @@ impl RaftLog {
             self.committed
         );
         assert!(first > self.snapshot_index && first <= self.last_index() + 1);
-        self.entries
-            .truncate((first - self.snapshot_index - 1) as usize);
+        let keep = (first - self.snapshot_index - 1) as usize;
+        self.data_bytes -= data_bytes(&self.entries[keep..]);
+        self.entries.truncate(keep);
+        self.data_bytes += data_bytes(&entries);
         self.entries.extend(entries);
         self.unstable_from = self.unstable_from.min(first);
         self.persisted = self.persisted.min(first - 1);
@@ -263,6 +278,7 @@ impl RaftLog {
     pub fn compact_to(&mut self, index: u64) {
         let term = self.term(index).expect("compaction point is held");
         let drop = (index - self.snapshot_index) as usize;
+        self.data_bytes -= data_bytes(&self.entries[..drop]);
         self.entries.drain(..drop);
         self.snapshot_index = index;
         self.snapshot_term = term;
@@ -272,6 +288,7 @@ impl RaftLog {
     /// snapshot is durable before the shell sends anything that depends on it.
     pub fn restore_snapshot(&mut self, index: u64, term: u64) {
         self.entries.clear();
+        self.data_bytes = 0;
         self.snapshot_index = index;
         self.snapshot_term = term;
         self.committed = index;
@@ -343,6 +360,26 @@ mod tests {
         log.persisted_to(2, 1);
         assert_eq!(log.take_committed(u64::MAX).len(), 2);
         assert_eq!(log.applied(), 2);
+    }
+
+    #[test]
+    fn data_bytes_track_appends_truncations_and_compaction() {
+        let mut log = RaftLog::restore(0, 0, entries(1, &[1, 1]), 0);
+        log.append(vec![pb::Entry {
+            term: 1,
+            index: 3,
+            data: bytes::Bytes::from_static(b"abcd"),
+            ..Default::default()
+        }]);
+        assert_eq!(log.data_bytes(), 4);
+        log.truncate_and_append(entries(3, &[2]));
+        assert_eq!(log.data_bytes(), 0);
+        log.commit_to(3);
+        let _ = log.take_unstable();
+        log.persisted_to(3, 2);
+        let _ = log.take_committed(u64::MAX);
+        log.compact_to(3);
+        assert_eq!(log.data_bytes(), 0);
     }
 
     #[test]

@@ -89,8 +89,9 @@ pub struct Config {
     /// Run a pre-vote round before a real election, so that a member that was cut off and
     /// rejoins does not force the healthy leader to step down by bumping the term.
     pub pre_vote: bool,
-    /// A leader that has not heard from a majority within an election timeout steps down, and
-    /// followers ignore vote requests while they hear from a leader ("leader stickiness").
+    /// A leader that has not heard from a majority within an election timeout steps down.
+    /// (Leader stickiness, ignoring vote requests while a leader is heard from, is always on;
+    /// see `RaftNode::step`.)
     pub check_quorum: bool,
     /// At most this many AppendEntries may be unacknowledged per follower.
     pub max_inflight_msgs: usize,

@@ -247,6 +247,11 @@ impl RaftNode {
         self.log.first_index()
     }
 
+    /// Bytes of entry data in the log after the snapshot.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.data_bytes()
+    }
+
     /// Term of the entry at `index`, if held.
     pub fn term_at(&self, index: u64) -> Option<u64> {
         self.log.term(index)
@@ -1046,11 +1051,13 @@ impl RaftNode {
         if term > self.term {
             match &m {
                 Message::RequestVote(req) => {
-                    // Leader stickiness: while we hear from a leader, an election is not needed
-                    // and a vote request is most likely from a member that was cut off. Only a
-                    // transfer the leader itself asked for overrides it.
-                    let in_lease = self.cfg.check_quorum
-                        && (self.leader.is_some() || self.boot_quiet)
+                    // Leader stickiness (dissertation §4.2.3): while we hear from a leader, an
+                    // election is not needed and a vote request most likely comes from a member
+                    // that was cut off, or removed without learning it (the leader stops
+                    // replicating to removed members, so they campaign forever). Always on: the
+                    // simulator showed removed members starving a group of leaders without it
+                    // (plain-Raft seed 3002472). Only a transfer the leader asked for overrides it.
+                    let in_lease = (self.leader.is_some() || self.boot_quiet)
                         && self.election_elapsed < self.cfg.election_tick
                         && !req.leadership_transfer;
                     if in_lease {

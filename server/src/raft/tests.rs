@@ -743,6 +743,30 @@ fn a_member_removed_by_an_uncommitted_change_keeps_campaigning() {
     );
 }
 
+#[test]
+fn a_removed_member_that_never_learned_of_its_removal_cannot_disrupt_the_leader() {
+    // Regression for simulator seed 3002472 (plain Raft): stickiness must not depend on
+    // check-quorum, or a removed member's ever-higher terms keep deposing the leader.
+    let mut net = Net::new(3, |c| {
+        c.pre_vote = false;
+        c.check_quorum = false;
+    });
+    net.elect(1);
+    net.isolated.insert(3);
+    net.node(1)
+        .propose_config_change(ConfigChange::Remove { id: 3 })
+        .unwrap();
+    net.flush();
+    net.tick(5);
+    assert_eq!(net.node(1).config().voter_ids(), vec![1, 2]);
+    let term = net.node(1).term();
+    net.isolated.clear();
+    net.tick(100);
+    assert!(net.node(3).term() > term, "node 3 kept campaigning");
+    assert_eq!(net.leaders(), vec![1]);
+    assert_eq!(net.node(1).term(), term, "the leader was never deposed");
+}
+
 // ----- leadership transfer ---------------------------------------------------------------------
 
 #[test]
