@@ -74,12 +74,16 @@ pub fn not_leader(leader: Option<(u64, String)>, message: &str) -> Status {
     Status::with_metadata(Code::Unavailable, message, md)
 }
 
-/// The deadline the client set (`grpc-timeout`), or the default.
+/// How long a handler may work: the client's deadline (`grpc-timeout`, or the default) less a
+/// margin, so the handler answers DEADLINE_EXCEEDED with a useful message before tonic's own
+/// deadline handling cuts the call off with a bare CANCELLED.
 pub fn deadline_of(md: &MetadataMap) -> Duration {
-    md.get("grpc-timeout")
+    let deadline = md
+        .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
-        .unwrap_or(DEFAULT_DEADLINE)
+        .unwrap_or(DEFAULT_DEADLINE);
+    deadline.saturating_sub((deadline / 10).min(Duration::from_millis(50)))
 }
 
 /// Parses a `grpc-timeout` value such as `100m` or `5S`.
@@ -168,6 +172,15 @@ mod tests {
         assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
         assert_eq!(parse_grpc_timeout("x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn handlers_answer_before_the_clients_deadline() {
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", MetadataValue::from_static("1000m"));
+        assert_eq!(deadline_of(&md), Duration::from_millis(950));
+        md.insert("grpc-timeout", MetadataValue::from_static("100m"));
+        assert_eq!(deadline_of(&md), Duration::from_millis(90));
     }
 
     #[test]
