@@ -3,10 +3,12 @@
 //! Each variant wraps the protobuf message of the same name from `sync.raft.v1`, so what the
 //! engine emits is exactly what goes on the wire: the shell only chooses the RPC.
 //!
-//! Every request the engine receives is answered with exactly one response, in the order the
-//! requests arrived (a request from a stale term is answered with the receiver's term so the
-//! sender learns it is stale). The node runtime relies on this to pair unary RPC replies with
-//! the requests that caused them.
+//! Every request the engine accepts (`step` returns `Ok`) is answered with exactly one response
+//! of the matching kind, and answers of one kind leave in the order their requests arrived (a
+//! request from a stale term is answered with the receiver's term, so the sender learns it is
+//! stale). Answers of *different* kinds may leave in another order: pre-vote answers go out at
+//! once, the others only after persisting. The node runtime therefore pairs answers with
+//! requests per (peer, kind), and answers a request that `step` refused with an RPC error.
 
 use sync_proto::raft::v1 as pb;
 

@@ -35,7 +35,9 @@
 //! 5. Serve each of `read_states` once the state machine has applied its index; fail the
 //!    reads in `dropped_reads` (leadership was lost; the client should retry).
 //!
-//! Readies must be persisted in the order they were taken.
+//! Readies must be persisted in the order they were taken. And the runtime must report every
+//! snapshot transfer that fails (`report_snapshot_failed`): a follower being sent a snapshot
+//! gets nothing else until the transfer is answered or reported failed.
 
 pub mod log;
 pub mod membership;

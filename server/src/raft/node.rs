@@ -77,9 +77,15 @@ pub struct RaftNode {
     randomized_election_timeout: u32,
     /// Ticks since the engine was created: the leader's clock for leases and contact times.
     ticks: u64,
-    /// True until the first election timeout after start when leases are in use: a restarted
-    /// member must not vote before a lease it may have confirmed could have run out.
-    boot_quiet: bool,
+    /// Ticks since this member last heard from a leader of its term (AppendEntries or
+    /// InstallSnapshot). Leader stickiness refuses votes while it is below `election_tick`.
+    /// Unlike `leader`, it is not reset by a higher-term message, so a stray answer cannot
+    /// lift stickiness early (which would break leases). With leases it starts at 0, so a
+    /// restarted member does not vote before a lease it may have confirmed could run out.
+    ticks_since_leader: u32,
+    /// Leader only: a TimeoutNow was sent this term, so the target may win an election that
+    /// overrides stickiness at any later moment: no more lease reads this term.
+    lease_forfeited: bool,
     /// Leader only: the member leadership is being transferred to.
     transfer_target: Option<NodeId>,
     /// The leader's current read round (see `read_only`). Monotonic for the engine's life.
@@ -151,7 +157,11 @@ impl RaftNode {
         }
         let log = RaftLog::restore(snap_index, snap_term, entries, hard_state.commit);
         let rng = SplitMix64(cfg.seed);
-        let boot_quiet = cfg.read_only == ReadOnlyOption::LeaseBased;
+        let ticks_since_leader = if cfg.read_only == ReadOnlyOption::LeaseBased {
+            0
+        } else {
+            cfg.election_tick
+        };
         let mut node = RaftNode {
             term: hard_state.term,
             vote: hard_state.vote,
@@ -165,7 +175,8 @@ impl RaftNode {
             heartbeat_elapsed: 0,
             randomized_election_timeout: cfg.election_tick,
             ticks: 0,
-            boot_quiet,
+            ticks_since_leader,
+            lease_forfeited: false,
             transfer_target: None,
             read_round: 0,
             round_ticks: VecDeque::new(),
@@ -448,9 +459,7 @@ impl RaftNode {
             return;
         }
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        if self.election_elapsed >= self.cfg.election_tick {
-            self.boot_quiet = false;
-        }
+        self.ticks_since_leader = self.ticks_since_leader.saturating_add(1);
         if self.election_elapsed >= self.randomized_election_timeout && self.promotable() {
             self.election_elapsed = 0;
             self.start_election(false);
@@ -601,6 +610,7 @@ impl RaftNode {
 
     fn become_leader(&mut self) {
         self.role = Role::Leader;
+        self.lease_forfeited = false;
         self.leader = Some(self.cfg.id);
         self.transfer_target = None;
         self.votes.clear();
@@ -653,9 +663,7 @@ impl RaftNode {
                     self.broadcast_append(true);
                 }
             }
-            Role::Candidate | Role::PreCandidate if !self.promotable() => {
-                self.become_follower(self.term, None);
-            }
+            // Followers only: the other roles step down before appending anyone's entries.
             _ => {}
         }
     }
@@ -816,7 +824,7 @@ impl RaftNode {
     /// round started less than `election_tick - lease_margin` ticks ago, and no transfer is in
     /// progress (a transfer lets the successor skip the followers' lease check).
     fn lease_valid(&self) -> bool {
-        if self.role != Role::Leader || self.transfer_target.is_some() {
+        if self.role != Role::Leader || self.transfer_target.is_some() || self.lease_forfeited {
             return false;
         }
         let confirmed = self.confirmed_round();
@@ -974,6 +982,7 @@ impl RaftNode {
     }
 
     fn send_timeout_now(&mut self, to: NodeId) {
+        self.lease_forfeited = true;
         self.msgs.push(Message::TimeoutNow(pb::TimeoutNowRequest {
             group_id: self.cfg.group_id,
             term: self.term,
@@ -1057,8 +1066,8 @@ impl RaftNode {
                     // replicating to removed members, so they campaign forever). Always on: the
                     // simulator showed removed members starving a group of leaders without it
                     // (plain-Raft seed 3002472). Only a transfer the leader asked for overrides it.
-                    let in_lease = (self.leader.is_some() || self.boot_quiet)
-                        && self.election_elapsed < self.cfg.election_tick
+                    let in_lease = (self.role == Role::Leader
+                        || self.ticks_since_leader < self.cfg.election_tick)
                         && !req.leadership_transfer;
                     if in_lease {
                         self.reply_vote(req, false);
@@ -1107,11 +1116,15 @@ impl RaftNode {
                     from,
                     to: req.from,
                     rejected: true,
-                    index: req.prev_log_index,
+                    // Neither the index nor the read round of a request from an older term may
+                    // be echoed: our term may equal the sender's *current* term (it restarted
+                    // and won again), and an old round would confirm its new reads without any
+                    // round trip (found in review; `a_stale_answer_confirms_no_read_round`).
+                    index: 0,
                     hint_index: 0,
                     hint_term: 0,
                     heartbeat: req.heartbeat,
-                    read_round: req.read_round,
+                    read_round: 0,
                 })
             }
             Message::RequestVote(req) => {
@@ -1218,11 +1231,12 @@ impl RaftNode {
         }
         self.leader = Some(req.from);
         self.election_elapsed = 0;
+        self.ticks_since_leader = 0;
 
         if req.heartbeat {
             self.log.commit_to(req.leader_commit);
-            let matched = self.log.last_index();
-            self.reply_append(&req, AppendOutcome::Accepted { matched });
+            // A heartbeat checks no log, so its answer claims no match index.
+            self.reply_append(&req, AppendOutcome::Accepted { matched: 0 });
             return;
         }
         // Everything up to our commit index is already known to match the leader.
@@ -1273,6 +1287,10 @@ impl RaftNode {
             return;
         }
         let last_index = self.log.last_index();
+        if r.index > last_index || r.hint_index > last_index {
+            // No answer to anything this leader sent can name an index past its log.
+            return;
+        }
         let Some(p) = self.progress.get_mut(&r.from) else {
             return;
         };
@@ -1334,6 +1352,7 @@ impl RaftNode {
         }
         self.leader = Some(req.from);
         self.election_elapsed = 0;
+        self.ticks_since_leader = 0;
         let meta = req.metadata.unwrap_or_default();
         let last_index = if meta.last_index <= self.log.committed() {
             // We already have everything it covers.
@@ -1363,7 +1382,7 @@ impl RaftNode {
     }
 
     fn handle_snapshot_response(&mut self, r: pb::InstallSnapshotResponse) {
-        if self.role != Role::Leader || r.rejected {
+        if self.role != Role::Leader || r.rejected || r.last_index > self.log.last_index() {
             return;
         }
         let Some(p) = self.progress.get_mut(&r.from) else {
@@ -1409,6 +1428,17 @@ enum AppendOutcome {
 fn validate(m: &Message) -> Result<(), RaftError> {
     match m {
         Message::AppendEntries(req) => {
+            if req
+                .prev_log_index
+                .checked_add(req.entries.len() as u64 + 1)
+                .is_none()
+            {
+                return Err(RaftError::Malformed(format!(
+                    "AppendEntries prev_log_index {} overflows with {} entries",
+                    req.prev_log_index,
+                    req.entries.len()
+                )));
+            }
             for (i, e) in req.entries.iter().enumerate() {
                 let expected = req.prev_log_index + 1 + i as u64;
                 if e.index != expected {
@@ -1429,9 +1459,18 @@ fn validate(m: &Message) -> Result<(), RaftError> {
             }
             Ok(())
         }
-        Message::InstallSnapshot(req) if req.metadata.is_none() => Err(RaftError::Malformed(
-            "InstallSnapshot without metadata".into(),
-        )),
+        Message::InstallSnapshot(req) => match &req.metadata {
+            None => Err(RaftError::Malformed(
+                "InstallSnapshot without metadata".into(),
+            )),
+            Some(m) if m.last_index == u64::MAX || m.last_term > req.term => {
+                Err(RaftError::Malformed(format!(
+                    "InstallSnapshot of ({}, term {}) from a leader of term {}",
+                    m.last_index, m.last_term, req.term
+                )))
+            }
+            Some(_) => Ok(()),
+        },
         _ => Ok(()),
     }
 }

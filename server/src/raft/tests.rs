@@ -546,6 +546,209 @@ fn reads_waiting_at_a_leader_that_steps_down_are_dropped_not_left_hanging() {
     assert_eq!(rd.dropped_reads, vec![9]);
 }
 
+fn lease_config(id: u64, lease: bool) -> Config {
+    let mut c = Config::new(id);
+    if lease {
+        c.read_only = ReadOnlyOption::LeaseBased;
+    }
+    c
+}
+
+#[test]
+fn a_stale_answer_echoes_no_read_round_so_a_restarted_leader_confirms_nothing_with_it() {
+    // Found in review. Node 1 led term 5 with read rounds up to 1000, restarted (rounds start
+    // again from 0) and now leads term 6. Node 2, already in term 6, answers a delayed term-5
+    // heartbeat of round 1000 with its term, 6: if it echoed the round, node 1 would count it as
+    // confirming its next thousand rounds and serve reads with no round trip at all.
+    for lease in [false, true] {
+        let hs = |term| pb::HardState {
+            term,
+            vote: 1,
+            commit: 1,
+        };
+        let mut n1 = RaftNode::restore(
+            lease_config(1, lease),
+            members(&[1, 2, 3]),
+            hs(5),
+            None,
+            entries(1, &[5]),
+        )
+        .unwrap();
+        make_leader(&mut n1, &[2, 3]);
+        let term = n1.term();
+        n1.step(append_ok(2, 1, term, 2)).unwrap();
+        n1.tick();
+        let _ = persist(&mut n1);
+        let mut n2 = RaftNode::restore(
+            lease_config(2, lease),
+            members(&[1, 2, 3]),
+            hs(term),
+            None,
+            entries(1, &[5]),
+        )
+        .unwrap();
+        n2.step(Message::AppendEntries(pb::AppendEntriesRequest {
+            group_id: 0,
+            term: 5,
+            from: 1,
+            to: 2,
+            heartbeat: true,
+            read_round: 1000,
+            ..Default::default()
+        }))
+        .unwrap();
+        let answer = persist(&mut n2)
+            .into_iter()
+            .find(|m| matches!(m, Message::AppendEntriesResponse(_)))
+            .expect("a stale request is answered");
+        assert!(
+            matches!(&answer, Message::AppendEntriesResponse(r) if r.term == term && r.read_round == 0)
+        );
+        n1.step(answer).unwrap();
+        n1.read_index(77).unwrap();
+        assert!(
+            n1.ready().read_states.is_empty(),
+            "lease={lease}: a read must wait for a round started after it"
+        );
+    }
+}
+
+#[test]
+fn a_leader_that_sent_timeout_now_serves_no_more_lease_reads_this_term() {
+    // Found in review: a transfer abandoned after an election timeout, whose TimeoutNow arrives
+    // later, lets the target win an election that overrides stickiness while the old leader
+    // still believed its lease.
+    let mut net = Net::new(3, |c| c.read_only = ReadOnlyOption::LeaseBased);
+    net.tick(12);
+    if net.leaders().is_empty() {
+        net.elect(1);
+    }
+    let leader = net.leaders()[0];
+    let target = (1..=3).find(|&i| i != leader).unwrap();
+    net.propose(leader, 1);
+    net.node(leader).transfer_leader(target).unwrap();
+    let delayed: Vec<Message> = net
+        .node(leader)
+        .ready()
+        .messages
+        .into_iter()
+        .filter(|m| matches!(m, Message::TimeoutNow(_)))
+        .collect();
+    assert_eq!(delayed.len(), 1, "the caught-up target is told at once");
+    net.tick(11);
+    assert_eq!(net.leaders(), vec![leader], "the transfer was abandoned");
+    net.node(leader).read_index(1).unwrap();
+    assert!(
+        net.node(leader).ready().read_states.is_empty(),
+        "no lease read after a TimeoutNow went out this term"
+    );
+    net.isolated.insert(leader);
+    for m in delayed {
+        net.node(target).step(m).unwrap();
+    }
+    net.flush();
+    assert_eq!(net.node(target).role(), Role::Leader);
+    net.node(leader).read_index(2).unwrap();
+    assert!(net.node(leader).ready().read_states.is_empty());
+}
+
+#[test]
+fn a_higher_term_answer_does_not_lift_leader_stickiness() {
+    // Found in review: `leader` is cleared by any higher-term message, so stickiness tied to it
+    // ended early; it now counts ticks since a leader was last heard.
+    let mut f = restored(1, &[1, 2, 3], 5, &[5], 1);
+    f.step(append(2, 1, 5, (1, 5), vec![], 1)).unwrap();
+    let _ = persist(&mut f);
+    f.step(Message::RequestVoteResponse(pb::RequestVoteResponse {
+        group_id: 0,
+        term: 6,
+        from: 3,
+        to: 1,
+        granted: false,
+        pre_vote: false,
+    }))
+    .unwrap();
+    assert_eq!((f.term(), f.leader()), (6, None));
+    f.step(Message::RequestVote(pb::RequestVoteRequest {
+        group_id: 0,
+        term: 7,
+        from: 3,
+        to: 1,
+        last_log_index: 9,
+        last_log_term: 6,
+        pre_vote: false,
+        leadership_transfer: false,
+    }))
+    .unwrap();
+    assert_eq!(
+        f.term(),
+        6,
+        "still sticky: the leader was heard one tick ago"
+    );
+    let granted = persist(&mut f)
+        .into_iter()
+        .any(|m| matches!(m, Message::RequestVoteResponse(r) if r.granted));
+    assert!(!granted);
+}
+
+#[test]
+fn extreme_indexes_from_a_peer_are_refused_or_ignored_without_panicking() {
+    // Found in review: arithmetic on peer-supplied indexes overflowed.
+    let mut f = restored(1, &[1, 2, 3], 1, &[1], 0);
+    let overflow = append(2, 1, 1, (u64::MAX, 1), vec![entry(0, 1)], 0);
+    assert!(matches!(f.step(overflow), Err(RaftError::Malformed(_))));
+    let huge_snapshot = Message::InstallSnapshot(pb::InstallSnapshotRequest {
+        group_id: 0,
+        term: 1,
+        from: 2,
+        to: 1,
+        metadata: Some(pb::SnapshotMetadata {
+            last_index: u64::MAX,
+            last_term: 1,
+            config: None,
+        }),
+    });
+    assert!(matches!(
+        f.step(huge_snapshot),
+        Err(RaftError::Malformed(_))
+    ));
+
+    let mut n = restored(1, &[1, 2, 3], 1, &[1], 1);
+    make_leader(&mut n, &[2, 3]);
+    let term = n.term();
+    n.step(append_ok(2, 1, term, u64::MAX)).unwrap();
+    n.step(Message::AppendEntriesResponse(pb::AppendEntriesResponse {
+        group_id: 0,
+        term,
+        from: 3,
+        to: 1,
+        rejected: true,
+        index: 1,
+        hint_index: u64::MAX,
+        hint_term: 0,
+        ..Default::default()
+    }))
+    .unwrap();
+    n.step(Message::InstallSnapshotResponse(
+        pb::InstallSnapshotResponse {
+            group_id: 0,
+            term,
+            from: 2,
+            to: 1,
+            last_index: u64::MAX,
+            rejected: false,
+        },
+    ))
+    .unwrap();
+    let _ = persist(&mut n);
+    assert!(n.peers().iter().all(|p| p.matched <= n.last_index()));
+    assert_eq!(
+        n.commit_index(),
+        1,
+        "nothing was committed on a peer's false claim"
+    );
+}
+
 // ----- snapshots and compaction --------------------------------------------------------------
 
 #[test]

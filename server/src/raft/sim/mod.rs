@@ -94,6 +94,7 @@ impl SimConfig {
                 drop: 0.05,
                 duplicate: 0.03,
                 max_delay: 3,
+                straggle: 0.03,
             },
             crash: 0.01,
             restart: 0.08,
@@ -493,6 +494,7 @@ impl<'a> Sim<'a> {
             drop: 0.0,
             duplicate: 0.0,
             max_delay: 1,
+            straggle: 0.0,
         };
         let crashed: Vec<NodeId> = self
             .nodes

@@ -28,6 +28,9 @@ pub struct Faults {
     pub duplicate: f64,
     /// Messages take 0..=max_delay rounds; different delays reorder them.
     pub max_delay: u64,
+    /// Probability that a message straggles: it arrives 10 to 49 rounds late, typically after
+    /// its sender crashed, restarted or changed term (a long-delayed packet on a real network).
+    pub straggle: f64,
 }
 
 /// Messages in flight and the links that are cut.
@@ -62,7 +65,12 @@ impl Network {
         }
         let copies = if rng.chance(faults.duplicate) { 2 } else { 1 };
         for _ in 0..copies {
-            let deliver_at = now + rng.below(faults.max_delay + 1);
+            let delay = if rng.chance(faults.straggle) {
+                10 + rng.below(40)
+            } else {
+                rng.below(faults.max_delay + 1)
+            };
+            let deliver_at = now + delay;
             self.in_flight.push(Packet {
                 deliver_at,
                 msg: msg.clone(),
@@ -117,11 +125,12 @@ impl Network {
         !self.cut.is_empty()
     }
 
-    /// Drops every message to or from `node` (it crashed: its connections are gone).
+    /// Drops every message on its way to `node` (it crashed). Messages it sent before crashing
+    /// are already on the wire and may still arrive.
     pub fn drop_node(&mut self, node: NodeId) -> Vec<Packet> {
         let (lost, kept) = std::mem::take(&mut self.in_flight)
             .into_iter()
-            .partition(|p| p.msg.to() == node || p.msg.from() == node);
+            .partition(|p| p.msg.to() == node);
         self.in_flight = kept;
         lost
     }
