@@ -653,18 +653,15 @@ impl RaftNode {
         }
     }
 
-    /// Reacts to the configuration in force changing (appended or truncated).
+    /// Reacts to the configuration in force changing (appended or truncated). Only a leader has
+    /// work to do: the other roles step down before appending anyone's entries.
     fn on_config_changed(&mut self) {
-        match self.role {
-            Role::Leader => {
-                self.sync_progress_with_config();
-                // Removing a lagging voter can make entries committed.
-                if self.maybe_commit() {
-                    self.broadcast_append(true);
-                }
+        if self.role == Role::Leader {
+            self.sync_progress_with_config();
+            // Removing a lagging voter can make entries committed.
+            if self.maybe_commit() {
+                self.broadcast_append(true);
             }
-            // Followers only: the other roles step down before appending anyone's entries.
-            _ => {}
         }
     }
 
