@@ -1,0 +1,425 @@
+//! The command line: every command, flag and default, and the checks that span several flags.
+//!
+//! Parsing errors (an unknown flag, a malformed endpoint, `--nodes 0`) are usage errors: clap
+//! prints them with the usage line and exits with code 2.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// The endpoints of the cluster that `syncctl dev up` starts with its default base port.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+
+/// The metrics port of node `i` is `base + METRICS_PORT_OFFSET + i`, its gRPC port `base + i`.
+pub const METRICS_PORT_OFFSET: u16 = 2000;
+
+const ROOT_EXAMPLES: &str = "\
+Examples:
+  syncctl dev up                      # a 3-node cluster on 127.0.0.1:7001-7003
+  syncctl status                      # each member's role, term, leader and indexes
+  syncctl bench raw --clients 64 --duration 10s
+  SYNC_ENDPOINTS=10.0.0.5:7001 syncctl status --output json";
+
+/// Command-line client for a syncd cluster.
+#[derive(Parser, Debug)]
+#[command(name = "syncctl", version, about, after_help = ROOT_EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command accepts.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalOpts {
+    /// Cluster members to contact, comma-separated host:port.
+    #[arg(
+        long,
+        env = "SYNC_ENDPOINTS",
+        default_value = DEFAULT_ENDPOINTS,
+        value_delimiter = ',',
+        value_parser = parse_endpoint,
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub endpoints: Vec<Endpoint>,
+
+    /// How to print results.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = Output::Table,
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub output: Output,
+
+    /// Deadline of each request to the cluster, connecting included (e.g. 500ms, 5s).
+    #[arg(
+        long,
+        default_value = "5s",
+        value_parser = parse_positive_duration,
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub timeout: Duration,
+}
+
+/// The output format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts (`dev up` prints one JSON object per line, one per event).
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show each member's view of the cluster: role, term, leader, commit and applied index.
+    #[command(after_help = "\
+Examples:
+  syncctl status
+  syncctl status --output json
+  syncctl --endpoints 10.0.0.5:7001,10.0.0.6:7001 status")]
+    Status,
+
+    /// Run a local cluster of real syncd processes for development.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl dev up
+  syncctl dev up --nodes 5 --base-port 8000 --data-dir /tmp/syncd-dev"
+    )]
+    Dev(DevCommand),
+
+    /// Measure the cluster's write throughput and latency.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl bench raw --clients 64 --duration 10s
+  syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379"
+    )]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevCommand {
+    /// Start N syncd nodes on 127.0.0.1 and keep them running until Ctrl-C.
+    ///
+    /// Node i listens for gRPC on 127.0.0.1:(base-port + i) and serves metrics on
+    /// 127.0.0.1:(base-port + 2000 + i); its data and its log (syncd.log) are in DATA_DIR/i.
+    /// The syncd binary is looked up next to syncctl, then on PATH.
+    #[command(after_help = "\
+Examples:
+  syncctl dev up                                  # nodes on 7001-7003, metrics on 9001-9003
+  syncctl dev up --nodes 5 --base-port 8000       # nodes on 8001-8005, metrics on 10001-10005
+  syncctl dev up --data-dir /tmp/syncd-dev --syncd target/release/syncd")]
+    Up(DevUpArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DevUpArgs {
+    /// How many nodes to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: u16,
+
+    /// Node i listens on base-port + i (gRPC) and base-port + 2000 + i (metrics).
+    #[arg(long, default_value_t = 7000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub base_port: u16,
+
+    /// Where the nodes keep their data and logs: DATA_DIR/i for node i. Kept across runs.
+    #[arg(long, default_value = ".syncd-dev")]
+    pub data_dir: PathBuf,
+
+    /// The syncd binary to run (default: next to syncctl, then on PATH).
+    #[arg(long, env = "SYNCD_BIN")]
+    pub syncd: Option<PathBuf>,
+
+    /// How long to wait for the nodes to elect a leader before giving up.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub leader_timeout: Duration,
+
+    /// How long the nodes get to stop after SIGTERM before they are killed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+}
+
+impl DevUpArgs {
+    /// The gRPC and metrics ports of node `id` (1-based).
+    pub fn ports(&self, id: u16) -> (u16, u16) {
+        (
+            self.base_port + id,
+            self.base_port + METRICS_PORT_OFFSET + id,
+        )
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Closed-loop Kv.Put load on the leader: N clients, each waiting for its answer before
+    /// sending the next put, every put a new key.
+    ///
+    /// Each client keeps one request in flight; the latency of a put is the time from sending it
+    /// to receiving its answer, i.e. until it is committed through Raft and fsynced on a
+    /// majority. With --compare-etcd the same workload then runs against etcd's KV.Put.
+    #[command(after_help = "\
+Examples:
+  syncctl bench raw --clients 64 --duration 10s
+  syncctl bench raw --clients 1 --duration 10s --output json
+  syncctl bench raw --clients 64 --duration 10s --compare-etcd http://127.0.0.1:2379")]
+    Raw(BenchRawArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchRawArgs {
+    /// Concurrent clients, each with one put in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: u32,
+
+    /// How long to measure (after the warm-up).
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub duration: Duration,
+
+    /// Untimed load before measuring, so connections and the servers' caches are warm.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Bytes per value (syncd accepts at most 1 MiB).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub value_size: u32,
+
+    /// HTTP/2 connections the clients share (client i uses connection i mod N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub connections: u32,
+
+    /// Also run the workload against this etcd cluster (comma-separated URLs) and compare.
+    #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', value_parser = parse_endpoint)]
+    pub compare_etcd: Option<Vec<Endpoint>>,
+}
+
+impl Cli {
+    /// Checks that span several flags; clap checks each flag alone.
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        if let Command::Dev(DevCommand::Up(up)) = &self.command {
+            let highest =
+                u32::from(up.base_port) + u32::from(METRICS_PORT_OFFSET) + u32::from(up.nodes);
+            if highest > u32::from(u16::MAX) {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!(
+                        "--base-port {} with --nodes {} needs port {highest} for metrics; \
+                         use a base port of at most {}",
+                        up.base_port,
+                        up.nodes,
+                        u16::MAX - METRICS_PORT_OFFSET - up.nodes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A server address: `host:port`, optionally written as `http://host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// `host:port`, without scheme: how the endpoint is shown.
+    authority: String,
+}
+
+impl Endpoint {
+    /// The URI tonic connects to.
+    pub fn uri(&self) -> String {
+        format!("http://{}", self.authority)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.authority)
+    }
+}
+
+/// Parses `host:port` or `http://host:port` (a trailing `/` is allowed).
+pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
+    let trimmed = text.trim();
+    if trimmed.starts_with("https://") {
+        return Err(format!(
+            "`{trimmed}`: TLS is not supported yet; use http:// or host:port"
+        ));
+    }
+    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    let bad = || format!("`{trimmed}` is not host:port (e.g. 127.0.0.1:7001)");
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(Endpoint {
+        authority: authority.to_owned(),
+    })
+}
+
+/// Parses a duration such as `500ms` or `10s` that must be longer than zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("syncctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_name_the_dev_cluster() {
+        // SYNC_ENDPOINTS would override the default; the test must not depend on the caller's
+        // environment, so it passes the flag's default explicitly only when the variable is set.
+        let cli = parse(&["status"]).unwrap();
+        if std::env::var_os("SYNC_ENDPOINTS").is_none() {
+            let endpoints: Vec<_> = cli.global.endpoints.iter().map(|e| e.to_string()).collect();
+            assert_eq!(
+                endpoints,
+                ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+            );
+        }
+        assert_eq!(cli.global.output, Output::Table);
+        assert_eq!(cli.global.timeout, Duration::from_secs(5));
+        assert!(matches!(cli.command, Command::Status));
+    }
+
+    #[test]
+    fn global_flags_are_accepted_after_the_subcommand() {
+        let cli = parse(&[
+            "status",
+            "--endpoints",
+            "http://10.0.0.1:7001,10.0.0.2:7001/",
+            "--output",
+            "json",
+            "--timeout",
+            "250ms",
+        ])
+        .unwrap();
+        let endpoints: Vec<_> = cli.global.endpoints.iter().map(|e| e.uri()).collect();
+        assert_eq!(endpoints, ["http://10.0.0.1:7001", "http://10.0.0.2:7001"]);
+        assert_eq!(cli.global.output, Output::Json);
+        assert_eq!(cli.global.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn malformed_endpoints_are_usage_errors() {
+        for bad in [
+            "localhost",
+            ":7001",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+        ] {
+            let err = parse(&["status", "--endpoints", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+            assert_eq!(err.exit_code(), 2);
+        }
+        let err = parse(&["status", "--endpoints", "https://h:1"]).unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
+    }
+
+    #[test]
+    fn dev_up_defaults_and_port_plan() {
+        let cli = parse(&["dev", "up"]).unwrap();
+        let Command::Dev(DevCommand::Up(up)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(up.nodes, 3);
+        assert_eq!(up.data_dir, PathBuf::from(".syncd-dev"));
+        assert_eq!(up.ports(1), (7001, 9001));
+        assert_eq!(up.ports(3), (7003, 9003));
+        cli.validate().unwrap();
+    }
+
+    #[test]
+    fn dev_up_rejects_ports_past_65535() {
+        let cli = parse(&["dev", "up", "--base-port", "63600", "--nodes", "3"]).unwrap();
+        let err = cli.validate().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("65603"), "{err}");
+        assert!(parse(&["dev", "up", "--nodes", "0"]).is_err());
+    }
+
+    #[test]
+    fn bench_raw_flags() {
+        let cli = parse(&[
+            "bench",
+            "raw",
+            "--clients",
+            "64",
+            "--duration",
+            "10s",
+            "--value-size",
+            "1024",
+            "--compare-etcd",
+            "http://127.0.0.1:23791,http://127.0.0.1:23792",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::Raw(raw)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(raw.clients, 64);
+        assert_eq!(raw.duration, Duration::from_secs(10));
+        assert_eq!(raw.value_size, 1024);
+        assert_eq!(raw.connections, 1);
+        assert_eq!(raw.warmup, Duration::from_secs(1));
+        let etcd: Vec<_> = raw
+            .compare_etcd
+            .iter()
+            .flatten()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(etcd, ["127.0.0.1:23791", "127.0.0.1:23792"]);
+    }
+
+    #[test]
+    fn bench_raw_rejects_nonsense() {
+        for args in [
+            &["bench", "raw", "--clients", "0"][..],
+            &["bench", "raw", "--duration", "0s"],
+            &["bench", "raw", "--duration", "ten"],
+            &["bench", "raw", "--value-size", "2000000"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_command_shows_an_example_in_its_help() {
+        fn walk(cmd: &mut clap::Command, path: &str) {
+            let help = cmd.render_long_help().to_string();
+            assert!(help.contains("Examples:"), "`{path} --help` has no example");
+            for sub in cmd.get_subcommands_mut() {
+                if sub.get_name() != "help" {
+                    let name = sub.get_name().to_owned();
+                    walk(sub, &format!("{path} {name}"));
+                }
+            }
+        }
+        walk(&mut Cli::command(), "syncctl");
+    }
+}

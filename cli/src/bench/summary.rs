@@ -1,0 +1,187 @@
+//! From a phase's raw numbers to the figures a benchmark reports, and the syncd ÷ etcd ratios.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency percentiles of the acknowledged puts, in microseconds. All zero when none was
+/// acknowledged.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Latency {
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        }
+    }
+}
+
+/// One target's result row.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// "syncd" or "etcd".
+    pub target: String,
+    /// The member the clients talked to (the leader).
+    pub endpoint: String,
+    pub clients: usize,
+    /// Acknowledged puts.
+    pub ops: u64,
+    /// Puts that failed (after retries).
+    pub errors: u64,
+    /// Extra attempts: redirects to a new leader and retries after UNAVAILABLE.
+    pub retries: u64,
+    /// Wall time of the measured phase, in seconds.
+    pub elapsed_secs: f64,
+    /// `ops / elapsed_secs`.
+    pub ops_per_sec: f64,
+    pub latency_us: Latency,
+}
+
+impl Summary {
+    pub fn new(
+        target: &str,
+        endpoint: &str,
+        clients: usize,
+        histogram: &Histogram<u64>,
+        (ops, errors, retries): (u64, u64, u64),
+        elapsed: Duration,
+    ) -> Self {
+        let secs = elapsed.as_secs_f64();
+        Summary {
+            target: target.to_owned(),
+            endpoint: endpoint.to_owned(),
+            clients,
+            ops,
+            errors,
+            retries,
+            elapsed_secs: secs,
+            ops_per_sec: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
+            latency_us: Latency::of(histogram),
+        }
+    }
+}
+
+/// syncd relative to etcd. A ratio is absent when etcd's figure is zero.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct Comparison {
+    /// syncd ops/s ÷ etcd ops/s: above 1 means syncd sustained more puts per second.
+    pub ops_per_sec_ratio: Option<f64>,
+    /// syncd p50 ÷ etcd p50: below 1 means syncd's median put was faster.
+    pub p50_ratio: Option<f64>,
+}
+
+pub fn compare(syncd: &Summary, etcd: &Summary) -> Comparison {
+    let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+    Comparison {
+        ops_per_sec_ratio: ratio(syncd.ops_per_sec, etcd.ops_per_sec),
+        p50_ratio: ratio(syncd.latency_us.p50 as f64, etcd.latency_us.p50 as f64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn histogram(values_us: impl IntoIterator<Item = u64>) -> Histogram<u64> {
+        let mut h = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in values_us {
+            h.record(v).unwrap();
+        }
+        h
+    }
+
+    /// hdrhistogram with 3 significant digits reports values within 0.1%.
+    fn close(actual: u64, expected: u64) -> bool {
+        actual.abs_diff(expected) as f64 <= expected as f64 * 0.001 + 1.0
+    }
+
+    #[test]
+    fn percentiles_come_from_the_latencies() {
+        // 1 ms .. 100 ms in 1 ms steps.
+        let h = histogram((1..=100).map(|ms| ms * 1_000));
+        let s = Summary::new(
+            "syncd",
+            "127.0.0.1:7001",
+            4,
+            &h,
+            (100, 2, 3),
+            Duration::from_secs(4),
+        );
+        assert!(close(s.latency_us.p50, 50_000), "{:?}", s.latency_us);
+        assert!(close(s.latency_us.p90, 90_000), "{:?}", s.latency_us);
+        assert!(close(s.latency_us.p99, 99_000), "{:?}", s.latency_us);
+        assert!(close(s.latency_us.max, 100_000), "{:?}", s.latency_us);
+        assert!((s.latency_us.mean - 50_500.0).abs() < 100.0);
+        assert_eq!(s.ops_per_sec, 25.0);
+        assert_eq!((s.ops, s.errors, s.retries), (100, 2, 3));
+    }
+
+    #[test]
+    fn a_run_without_acknowledged_puts_reports_zeros() {
+        let s = Summary::new(
+            "etcd",
+            "x:1",
+            1,
+            &histogram([]),
+            (0, 7, 0),
+            Duration::from_secs(1),
+        );
+        assert_eq!(s.latency_us, Latency::default());
+        assert_eq!(s.ops_per_sec, 0.0);
+        let s = Summary::new("etcd", "x:1", 1, &histogram([]), (0, 0, 0), Duration::ZERO);
+        assert_eq!(s.ops_per_sec, 0.0);
+    }
+
+    #[test]
+    fn ratios_are_syncd_over_etcd() {
+        let fast = Summary::new(
+            "syncd",
+            "a:1",
+            1,
+            &histogram([500, 500]),
+            (300, 0, 0),
+            Duration::from_secs(1),
+        );
+        let slow = Summary::new(
+            "etcd",
+            "b:1",
+            1,
+            &histogram([2_000, 2_000]),
+            (100, 0, 0),
+            Duration::from_secs(1),
+        );
+        let c = compare(&fast, &slow);
+        assert_eq!(c.ops_per_sec_ratio, Some(3.0));
+        assert_eq!(c.p50_ratio, Some(0.25));
+        let idle = Summary::new(
+            "etcd",
+            "b:1",
+            1,
+            &histogram([]),
+            (0, 5, 0),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            compare(&fast, &idle),
+            Comparison {
+                ops_per_sec_ratio: None,
+                p50_ratio: None
+            }
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Talking to a syncd cluster: connecting to members, asking each for its Cluster.Status, and
+//! finding the leader. Shared by `status`, `dev up` and `bench raw`.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use futures::future::join_all;
+use sync_proto::sync::v1::cluster_client::ClusterClient;
+use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
+use tokio::time::{Instant, sleep, timeout};
+use tonic::transport::Channel;
+
+use crate::args::Endpoint;
+use crate::errors::{START_HINT, describe_status, describe_transport, timed_out};
+
+/// The response trailer naming the leader's gRPC address (see `common.proto`).
+pub const LEADER_ADDR_KEY: &str = "x-sync-leader-addr";
+
+/// How often leader discovery asks again while an election is under way.
+const LEADER_POLL: Duration = Duration::from_millis(200);
+
+/// Opens a connection to `endpoint`, failing after `deadline`. Every call on the connection is
+/// also bounded by `deadline`.
+pub async fn connect(endpoint: &Endpoint, deadline: Duration) -> Result<Channel, String> {
+    let builder = Channel::from_shared(endpoint.uri())
+        .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?
+        .connect_timeout(deadline)
+        .timeout(deadline)
+        .tcp_nodelay(true);
+    match timeout(deadline, builder.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(err)) => Err(describe_transport(&err)),
+        Err(_) => Err(timed_out(deadline)),
+    }
+}
+
+/// Asks one member for its view of the cluster. The whole exchange, connecting included, must
+/// finish within `deadline`.
+pub async fn status_of(
+    endpoint: &Endpoint,
+    deadline: Duration,
+) -> Result<ClusterStatusResponse, String> {
+    let exchange = async {
+        let channel = connect(endpoint, deadline).await?;
+        ClusterClient::new(channel)
+            .status(ClusterStatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| describe_status(&status))
+    };
+    timeout(deadline, exchange)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(deadline)))
+}
+
+/// One member's answer to Cluster.Status, or why it gave none.
+pub struct MemberReport {
+    pub endpoint: Endpoint,
+    pub status: Result<ClusterStatusResponse, String>,
+}
+
+/// Asks every endpoint at once; the reports come back in the order of `endpoints`.
+pub async fn status_all(endpoints: &[Endpoint], deadline: Duration) -> Vec<MemberReport> {
+    join_all(endpoints.iter().map(|endpoint| async move {
+        MemberReport {
+            endpoint: endpoint.clone(),
+            status: status_of(endpoint, deadline).await,
+        }
+    }))
+    .await
+}
+
+/// The error for "nobody answered", naming every endpoint and the reason, e.g.
+/// "no member reachable at 127.0.0.1:7001, 127.0.0.1:7002: connection refused; is the cluster
+/// running? try `syncctl dev up`". Identical reasons are stated once.
+pub fn unreachable_error(reports: &[MemberReport]) -> anyhow::Error {
+    let failures: Vec<(&Endpoint, &str)> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().err().map(|e| (&r.endpoint, e.as_str())))
+        .collect();
+    let all_alike = failures.windows(2).all(|pair| pair[0].1 == pair[1].1);
+    let detail = match failures.first() {
+        None => "no endpoints given".to_owned(),
+        Some((_, reason)) if all_alike => {
+            let names: Vec<String> = failures.iter().map(|(e, _)| e.to_string()).collect();
+            format!("{}: {reason}", names.join(", "))
+        }
+        Some(_) => failures
+            .iter()
+            .map(|(e, reason)| format!("{e} ({reason})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    anyhow::anyhow!("no member reachable at {detail}; {START_HINT}")
+}
+
+/// The leader as a member reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leader {
+    pub id: u64,
+    /// Its gRPC address, `host:port`.
+    pub address: String,
+    pub term: u64,
+}
+
+/// The leader named in a round of reports, if any member knows one. A member that is itself
+/// the leader is believed first; otherwise the member with the highest term that names one.
+pub fn leader_in(reports: &[MemberReport]) -> Option<Leader> {
+    let answers = reports.iter().filter_map(|r| r.status.as_ref().ok());
+    if let Some(own) = answers
+        .clone()
+        .filter(|s| s.role == Role::Leader as i32)
+        .max_by_key(|s| s.term)
+    {
+        return Some(Leader {
+            id: own.node_id,
+            address: own.address.clone(),
+            term: own.term,
+        });
+    }
+    answers
+        .filter(|s| s.leader_id != 0 && !s.leader_address.is_empty())
+        .max_by_key(|s| s.term)
+        .map(|s| Leader {
+            id: s.leader_id,
+            address: s.leader_address.clone(),
+            term: s.term,
+        })
+}
+
+/// Asks the endpoints until one names a leader, for at most `patience`. Fails at once if no
+/// member answers at all: waiting does not start a cluster.
+pub async fn find_leader(
+    endpoints: &[Endpoint],
+    rpc_deadline: Duration,
+    patience: Duration,
+) -> anyhow::Result<Leader> {
+    let give_up = Instant::now() + patience;
+    loop {
+        let reports = status_all(endpoints, rpc_deadline).await;
+        if let Some(leader) = leader_in(&reports) {
+            return Ok(leader);
+        }
+        let answered = reports.iter().filter(|r| r.status.is_ok()).count();
+        if answered == 0 {
+            return Err(unreachable_error(&reports));
+        }
+        if Instant::now() >= give_up {
+            bail!(
+                "no leader: {answered} of {} members answered but none knows a leader after {} \
+                 (election under way, or no quorum?); check `syncctl status`",
+                reports.len(),
+                humantime::format_duration(patience)
+            );
+        }
+        sleep(LEADER_POLL).await;
+    }
+}
+
+/// The role as shown to people: "leader", "pre-candidate", ...
+pub fn role_name(role: i32) -> &'static str {
+    match Role::try_from(role) {
+        Ok(Role::Follower) => "follower",
+        Ok(Role::Candidate) => "candidate",
+        Ok(Role::Leader) => "leader",
+        Ok(Role::Learner) => "learner",
+        Ok(Role::PreCandidate) => "pre-candidate",
+        Err(_) => "unknown",
+    }
+}
+
+/// The leader address a node named in an error's trailers, if any.
+pub fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get(LEADER_ADDR_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|addr| !addr.is_empty())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::parse_endpoint;
+
+    fn report(endpoint: &str, status: Result<ClusterStatusResponse, &str>) -> MemberReport {
+        MemberReport {
+            endpoint: parse_endpoint(endpoint).unwrap(),
+            status: status.map_err(str::to_owned),
+        }
+    }
+
+    fn node(id: u64, role: Role, term: u64, leader: u64) -> ClusterStatusResponse {
+        ClusterStatusResponse {
+            node_id: id,
+            address: format!("127.0.0.1:700{id}"),
+            role: role as i32,
+            term,
+            leader_id: leader,
+            leader_address: if leader == 0 {
+                String::new()
+            } else {
+                format!("127.0.0.1:700{leader}")
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn identical_failures_are_stated_once() {
+        let reports = [
+            report("127.0.0.1:7001", Err("connection refused")),
+            report("127.0.0.1:7002", Err("connection refused")),
+        ];
+        assert_eq!(
+            unreachable_error(&reports).to_string(),
+            "no member reachable at 127.0.0.1:7001, 127.0.0.1:7002: connection refused; \
+             is the cluster running? try `syncctl dev up`"
+        );
+    }
+
+    #[test]
+    fn different_failures_are_stated_per_endpoint() {
+        let reports = [
+            report("127.0.0.1:7001", Err("connection refused")),
+            report("127.0.0.1:7002", Err("timed out after 5s")),
+        ];
+        let text = unreachable_error(&reports).to_string();
+        assert!(
+            text.starts_with(
+                "no member reachable at 127.0.0.1:7001 (connection refused), \
+                 127.0.0.1:7002 (timed out after 5s);"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_leader_speaking_for_itself_wins_over_hearsay() {
+        let reports = [
+            report("127.0.0.1:7001", Ok(node(1, Role::Follower, 3, 2))),
+            report("127.0.0.1:7003", Ok(node(3, Role::Leader, 4, 3))),
+            report("127.0.0.1:7002", Err("connection refused")),
+        ];
+        let leader = leader_in(&reports).unwrap();
+        assert_eq!(
+            (leader.id, leader.address.as_str(), leader.term),
+            (3, "127.0.0.1:7003", 4)
+        );
+    }
+
+    #[test]
+    fn followers_name_the_leader_of_the_newest_term() {
+        let reports = [
+            report("127.0.0.1:7001", Ok(node(1, Role::Follower, 3, 2))),
+            report("127.0.0.1:7003", Ok(node(3, Role::Follower, 5, 1))),
+        ];
+        assert_eq!(leader_in(&reports).unwrap().id, 1);
+        let no_leader = [report("127.0.0.1:7001", Ok(node(1, Role::Candidate, 6, 0)))];
+        assert_eq!(leader_in(&no_leader), None);
+    }
+
+    #[test]
+    fn the_leader_hint_comes_from_the_trailers() {
+        let mut status = tonic::Status::unavailable("leader unreachable");
+        assert_eq!(leader_hint(&status), None);
+        status
+            .metadata_mut()
+            .insert(LEADER_ADDR_KEY, "127.0.0.1:7002".parse().unwrap());
+        assert_eq!(leader_hint(&status).as_deref(), Some("127.0.0.1:7002"));
+    }
+}

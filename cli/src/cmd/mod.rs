@@ -1,0 +1,5 @@
+//! One module per command (group) that talks to a cluster or runs one; `bench` has its own
+//! folder.
+
+pub mod dev;
+pub mod status;

@@ -1,0 +1,191 @@
+//! Turning failures into one line a person can act on.
+//!
+//! gRPC and transport errors arrive as nested chains ("transport error" → "tcp connect error" →
+//! "Connection refused (os error 111)"), and `tonic::Status` prints its metadata map. syncctl
+//! shows only the cause that explains the failure: "connection refused", "timed out after 5s",
+//! "unavailable: no leader".
+
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+/// The hint printed when no member of the cluster answers.
+pub const START_HINT: &str = "is the cluster running? try `syncctl dev up`";
+
+/// What an endpoint that answers HTTP but not gRPC is, and the usual reason.
+const NOT_GRPC: &str = "not a gRPC server (wrong port? syncd serves gRPC on --listen, \
+                        metrics on --metrics-listen)";
+
+/// Renders an error and its causes on one line: "context: cause: root cause".
+pub fn one_line(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Why a gRPC call failed: the root transport cause if the call never reached a server,
+/// otherwise the status code and the server's message.
+pub fn describe_status(status: &Status) -> String {
+    if let Some(cause) = StdError::source(status).and_then(io_cause) {
+        return cause;
+    }
+    let message = status.message();
+    // Something listens there, but it is not a gRPC server (usually a metrics port, HTTP/1.1):
+    // it answers HTTP/2 with a protocol error or an HTTP status.
+    if message.contains("h2 protocol error") || message.starts_with("grpc-status header missing") {
+        return NOT_GRPC.to_owned();
+    }
+    if status.code() == Code::Unimplemented && message.starts_with("unknown service sync.") {
+        return format!("not a syncd node ({message})");
+    }
+    let code = code_name(status.code());
+    let message = status.message().trim();
+    if message.is_empty() {
+        code.to_owned()
+    } else {
+        format!("{code}: {message}")
+    }
+}
+
+/// Why connecting failed, from a transport error's chain of causes.
+pub fn describe_transport(err: &(dyn StdError + 'static)) -> String {
+    io_cause(err).unwrap_or_else(|| {
+        // No I/O error inside: show the innermost message, which is the most specific one.
+        let mut innermost = err;
+        while let Some(next) = innermost.source() {
+            innermost = next;
+        }
+        innermost.to_string()
+    })
+}
+
+/// "timed out after 5s".
+pub fn timed_out(after: Duration) -> String {
+    format!("timed out after {}", humantime::format_duration(after))
+}
+
+/// The first `io::Error` in a chain of causes, in words.
+fn io_cause(err: &(dyn StdError + 'static)) -> Option<String> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(describe_io(io));
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn describe_io(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
+        io::ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
+        io::ErrorKind::TimedOut => "timed out".to_owned(),
+        // What an HTTP/1.1-only server (a metrics port) does to an HTTP/2 connection.
+        io::ErrorKind::BrokenPipe => format!("the server closed the connection; {NOT_GRPC}"),
+        io::ErrorKind::AddrNotAvailable => "address not available".to_owned(),
+        io::ErrorKind::HostUnreachable => "host unreachable".to_owned(),
+        io::ErrorKind::NetworkUnreachable => "network unreachable".to_owned(),
+        _ => {
+            // "failed to lookup address information: Name or service not known (os error -2)"
+            let text = err.to_string();
+            match text.find(" (os error") {
+                Some(at) => text[..at].to_owned(),
+                None => text,
+            }
+        }
+    }
+}
+
+/// The gRPC status code as the lower-case words of its name.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown error",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal error",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn chains_are_joined_on_one_line() {
+        let err = Err::<(), _>(anyhow::anyhow!("first\nsecond"))
+            .context("outer")
+            .unwrap_err();
+        assert_eq!(one_line(&err), "outer: first second");
+    }
+
+    #[test]
+    fn a_server_status_shows_code_and_message() {
+        let status = Status::unavailable("no leader elected yet\n");
+        assert_eq!(
+            describe_status(&status),
+            "unavailable: no leader elected yet"
+        );
+        assert_eq!(describe_status(&Status::internal("")), "internal error");
+    }
+
+    #[test]
+    fn a_transport_failure_shows_its_io_cause() {
+        #[derive(Debug)]
+        struct Wrapper(io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("transport error")
+            }
+        }
+        impl StdError for Wrapper {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = Wrapper(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(describe_transport(&refused), "connection refused");
+        let closed = Wrapper(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert!(describe_transport(&closed).contains("not a gRPC server"));
+        let status = Status::from_error(Box::new(Wrapper(io::Error::other(
+            "failed to lookup address information (os error -2)",
+        ))));
+        assert_eq!(
+            describe_status(&status),
+            "failed to lookup address information"
+        );
+    }
+
+    #[test]
+    fn a_server_that_is_not_grpc_is_named_as_such() {
+        let status = Status::internal("h2 protocol error: http2 error");
+        assert!(describe_status(&status).starts_with("not a gRPC server"));
+        let status =
+            Status::unknown("grpc-status header missing, mapped from HTTP status code 404");
+        assert!(describe_status(&status).starts_with("not a gRPC server"));
+    }
+
+    #[test]
+    fn timeouts_name_the_deadline() {
+        assert_eq!(
+            timed_out(Duration::from_millis(1500)),
+            "timed out after 1s 500ms"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Printing: tables for people, JSON for scripts, and the units both use.
+
+use std::time::Duration;
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+use serde::Serialize;
+
+/// A borderless table in the style of `kubectl get`: easy to read, easy to `grep` and `awk`.
+/// Columns whose header is in `right_aligned` hold numbers and are right-aligned.
+pub fn table(headers: &[&str], right_aligned: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(headers.iter().map(|h| h.to_uppercase()));
+    for (i, header) in headers.iter().enumerate() {
+        if right_aligned.contains(header)
+            && let Some(column) = table.column_mut(i)
+        {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints a value as one line of JSON on stdout (for event streams).
+pub fn print_json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// A latency in microseconds, in the unit that keeps three significant digits: "850µs",
+/// "1.25ms", "12.5ms", "1.50s".
+pub fn micros(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{}ms", three_digits(us as f64 / 1e3))
+    } else {
+        format!("{}s", three_digits(us as f64 / 1e6))
+    }
+}
+
+/// A duration for messages: "10s", "1m 30s", "250ms".
+pub fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// A rate or ratio with three significant digits (at least the integer part).
+pub fn three_digits(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_keep_three_significant_digits() {
+        assert_eq!(micros(850), "850µs");
+        assert_eq!(micros(1_250), "1.25ms");
+        assert_eq!(micros(12_540), "12.5ms");
+        assert_eq!(micros(125_400), "125ms");
+        assert_eq!(micros(1_500_000), "1.50s");
+    }
+
+    #[test]
+    fn tables_right_align_numbers() {
+        let mut t = table(&["name", "ops"], &["ops"]);
+        t.add_row(vec!["a", "1"]);
+        t.add_row(vec!["b", "1000"]);
+        let text = t.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("NAME") && lines[0].contains("OPS"),
+            "{text}"
+        );
+        assert!(lines[1].trim_end().ends_with(" 1"), "{text}");
+        assert_eq!(
+            lines[1].trim_end().len(),
+            lines[2].trim_end().len(),
+            "{text}"
+        );
+    }
+}
