@@ -15,7 +15,7 @@ use sync_proto::raft::v1::raft_server::RaftServer;
 use sync_proto::sync::v1::cluster_server::ClusterServer;
 use sync_proto::sync::v1::kv_server::KvServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::Forwarder;
@@ -58,7 +58,12 @@ pub enum ServeError {
     Grpc(String),
 }
 
-/// The health rule (see the module docs).
+/// The health rule (see the module docs), without the explanation.
+pub fn is_serving(s: &NodeStatus) -> bool {
+    s.leader.is_some() && s.commit.saturating_sub(s.applied) <= HEALTH_MAX_APPLY_LAG
+}
+
+/// The health rule (see the module docs), with a one-line explanation.
 pub fn health_of(s: &NodeStatus) -> HealthReport {
     match s.leader {
         None => HealthReport::unhealthy(format!("no leader known in term {}", s.term)),
@@ -109,7 +114,7 @@ pub async fn serve(
     let health_task = tokio::spawn(async move {
         let mut last = None;
         loop {
-            let serving = health_of(&status_rx.borrow_and_update()).healthy;
+            let serving = is_serving(&status_rx.borrow_and_update());
             if last != Some(serving) {
                 let s = if serving {
                     ServingStatus::Serving
@@ -166,7 +171,13 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+        // Accepted sockets get TCP_NODELAY here: `Server::tcp_nodelay` applies only to sockets
+        // tonic binds itself. Without it a small answer waits for the peer's delayed ACK (40 ms
+        // on Linux) whenever an earlier segment is unacknowledged: measured as a 38 ms p90.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
     let grpc_task = tokio::spawn(grpc);
     let metrics_task = metrics_listener.map(|l| {
         let status = node.watch_status();

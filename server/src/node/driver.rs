@@ -271,7 +271,15 @@ pub struct Driver {
     last_config: pb::ClusterConfig,
     shutting_down: Option<Instant>,
     ticks: u64,
+    /// When status and gauges were last published (they are rebuilt at most every
+    /// [`PUBLISH_EVERY`], or at once when term, role, leader or membership change).
+    last_publish: Instant,
+    /// (term, role, leader) at the last publish.
+    published_key: (u64, Role, Option<NodeId>),
 }
+
+/// Longest time between two status publications while nothing significant changes.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
 /// What the driver needs at start.
 pub struct DriverParts {
@@ -338,6 +346,8 @@ impl Driver {
             last_config: pb::ClusterConfig::default(),
             shutting_down: None,
             ticks: 0,
+            last_publish: Instant::now(),
+            published_key: (0, Role::Follower, None),
         };
         d.sync_peers();
         d
@@ -353,6 +363,15 @@ impl Driver {
                 done = self.persist_done.recv() => {
                     let Some(done) = done else { break Err(NodeError::Storage("WAL thread stopped".into())) };
                     if let Err(e) = self.on_persist_done(done) { break Err(e) }
+                    // Take every other completion already waiting: one Ready for all of them.
+                    let mut failed = None;
+                    while let Ok(more) = self.persist_done.try_recv() {
+                        if let Err(e) = self.on_persist_done(more) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed { break Err(e) }
                 }
                 _ = ticker.tick() => self.on_tick(),
                 input = self.inputs.recv() => match input {
@@ -371,6 +390,7 @@ impl Driver {
                 break Err(e);
             }
             self.publish();
+            self.check_transfer();
             if let Some(deadline) = self.shutting_down
                 && (self.raft.role() != Role::Leader || Instant::now() >= deadline)
                 && self.persist_inflight == 0
@@ -734,6 +754,8 @@ impl Driver {
                 });
             }
             WaiterReply::Config(r) => {
+                // The caller answers with the membership from Status: publish it first.
+                self.publish_now();
                 let _ = r.send(Ok(index));
             }
         }
@@ -801,6 +823,8 @@ impl Driver {
                     ms = took.as_millis() as u64,
                     "snapshot saved"
                 );
+                // Whoever asked reads Status next: it must already show this snapshot.
+                self.publish_now();
                 for w in self.snapshot_waiters.drain(..) {
                     let _ = w.send(Ok((meta.clone(), size)));
                 }
@@ -881,6 +905,8 @@ impl Driver {
                     "membership in force"
                 );
             }
+            // Publish the new membership at once.
+            self.published_key.0 = u64::MAX;
             let _ = self.events.send(ClusterEvent::MembershipChanged {
                 config: config.clone(),
                 index: self.raft.last_index(),
@@ -921,6 +947,8 @@ impl Driver {
         };
         let (target, deadline) = (*target, *deadline);
         if self.raft.leader() == Some(target) {
+            // The caller answers with the new leader's term from Status: publish it first.
+            self.publish_now();
             if let Some((_, reply, _)) = self.transfer.take() {
                 let _ = reply.send(Ok(target));
             }
@@ -934,10 +962,23 @@ impl Driver {
         }
     }
 
-    /// Publishes status, events and gauges.
+    /// Publishes status now, whatever the throttle says.
+    fn publish_now(&mut self) {
+        self.published_key.0 = u64::MAX;
+        self.publish();
+    }
+
+    /// Publishes status, events and gauges: at once when term, role, leader or membership
+    /// changed, otherwise at most every [`PUBLISH_EVERY`] (rebuilding them costs more than a
+    /// replicated write, and the driver turns thousands of times a second under load).
     fn publish(&mut self) {
-        self.check_transfer();
         let leader = self.raft.leader();
+        let key = (self.raft.term(), self.raft.role(), leader);
+        if key == self.published_key && self.last_publish.elapsed() < PUBLISH_EVERY {
+            return;
+        }
+        self.published_key = key;
+        self.last_publish = Instant::now();
         if leader != self.last_leader {
             record::leader_changed();
             tracing::info!(term = self.raft.term(), leader = ?leader, role = ?self.raft.role(), "leader changed");
