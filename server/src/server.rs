@@ -158,6 +158,14 @@ pub async fn serve(
     };
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // A span per request: every log line a call causes names the RPC it belongs to.
+        .trace_fn(|req| {
+            tracing::info_span!(
+                "rpc",
+                path = %req.uri().path(),
+                forwarded = req.headers().contains_key(crate::api::FORWARDED)
+            )
+        })
         .layer(GrpcMetricsLayer::new())
         .add_service(raft_service)
         .add_service(ClusterServer::new(ClusterService {

@@ -4,17 +4,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use syncd::node::config::{Flags, LogFormat, Settings};
+use syncd::node::logging::WithTerm;
 use tracing_subscriber::EnvFilter;
 
 fn init_tracing(s: &Settings) {
+    use tracing_subscriber::fmt::format;
     let filter = EnvFilter::try_new(&s.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(false);
     match s.log_format {
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(WithTerm::json(format().json().with_current_span(true)))
+            .init(),
+        LogFormat::Text => builder
+            .event_format(WithTerm::text(format().with_ansi(false)))
+            .init(),
     }
 }
 

@@ -74,6 +74,11 @@ pub struct Flags {
     #[arg(long, env = "SYNCD_ELECTION_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub election_timeout: Option<Duration>,
+    /// The failure detector suspects a peer it has not heard from for this long (default: the
+    /// election timeout). Shown in Cluster.Status and the syncd_peer_reachable metric.
+    #[arg(long, env = "SYNCD_PEER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub peer_timeout: Option<Duration>,
     /// Take a snapshot and compact the log after this many applied entries.
     #[arg(long, env = "SYNCD_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
@@ -125,6 +130,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Election timeout.
     pub election_timeout: Duration,
+    /// The failure detector's threshold.
+    pub peer_timeout: Duration,
     /// Entries between snapshots.
     pub snapshot_threshold: u64,
     /// Log format.
@@ -279,6 +286,7 @@ impl Flags {
             metrics_listen,
             heartbeat_interval,
             election_timeout,
+            peer_timeout,
             snapshot_threshold,
             log_format,
             log_level
@@ -400,6 +408,10 @@ impl Flags {
                 humantime::format_duration(heartbeat_interval)
             ));
         }
+        let peer_timeout = self.peer_timeout.unwrap_or(election_timeout);
+        if peer_timeout < heartbeat_interval {
+            return err("--peer-timeout must be at least --heartbeat-interval");
+        }
         let snapshot_threshold = self.snapshot_threshold.unwrap_or(10_000);
         if snapshot_threshold == 0 {
             return err("--snapshot-threshold must be at least 1");
@@ -435,6 +447,7 @@ impl Flags {
             metrics_listen: self.metrics_listen,
             heartbeat_interval,
             election_timeout,
+            peer_timeout,
             snapshot_threshold,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),

@@ -921,7 +921,7 @@ impl Driver {
         if self.ticks.is_multiple_of(16) {
             self.proposals.retain(|_, w| !w.is_closed());
         }
-        let timeout = self.settings.election_timeout;
+        let timeout = self.settings.peer_timeout;
         let now = Instant::now();
         for m in self.raft.config().members.clone() {
             if m.id == self.settings.id {
@@ -979,6 +979,7 @@ impl Driver {
         }
         self.published_key = key;
         self.last_publish = Instant::now();
+        super::logging::set_term(key.0);
         if leader != self.last_leader {
             record::leader_changed();
             tracing::info!(term = self.raft.term(), leader = ?leader, role = ?self.raft.role(), "leader changed");

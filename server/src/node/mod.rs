@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod logging;
 pub mod persist;
 pub mod transport;
 
