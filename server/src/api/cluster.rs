@@ -143,6 +143,15 @@ fn event_of(e: ClusterEvent, node: &NodeHandle) -> api::ClusterEvent {
     out
 }
 
+/// The member `id` of this node's status, or NOT_FOUND.
+fn member_of(status: &NodeStatus, id: u64) -> Result<&crate::node::driver::MemberView, Status> {
+    status
+        .members
+        .iter()
+        .find(|m| m.member.id == id)
+        .ok_or_else(|| Status::not_found(format!("node {id} is not a member")))
+}
+
 impl ClusterService {
     async fn change(
         &self,
@@ -262,18 +271,7 @@ impl api::cluster_server::Cluster for ClusterService {
                 .remove_member(forward_request(req, deadline))
                 .await;
         }
-        if !self
-            .node
-            .status()
-            .members
-            .iter()
-            .any(|m| m.member.id == req.id)
-        {
-            return Err(Status::not_found(format!(
-                "node {} is not a member",
-                req.id
-            )));
-        }
+        member_of(&self.node.status(), req.id)?;
         let (members, config_index) = self
             .change(ConfigChange::Remove { id: req.id }, deadline)
             .await?;
@@ -297,12 +295,7 @@ impl api::cluster_server::Cluster for ClusterService {
                 .await;
         }
         let status = self.node.status();
-        let Some(m) = status.members.iter().find(|m| m.member.id == req.id) else {
-            return Err(Status::not_found(format!(
-                "node {} is not a member",
-                req.id
-            )));
-        };
+        let m = member_of(&status, req.id)?;
         if !m.member.learner {
             return Err(Status::failed_precondition(format!(
                 "node {} is already a voter",
@@ -340,22 +333,11 @@ impl api::cluster_server::Cluster for ClusterService {
                 .await;
         }
         let status = self.node.status();
-        if req.target_id != 0 {
-            match status.members.iter().find(|m| m.member.id == req.target_id) {
-                None => {
-                    return Err(Status::not_found(format!(
-                        "node {} is not a member",
-                        req.target_id
-                    )));
-                }
-                Some(m) if m.member.learner => {
-                    return Err(Status::failed_precondition(format!(
-                        "node {} is a learner; promote it first",
-                        req.target_id
-                    )));
-                }
-                _ => {}
-            }
+        if req.target_id != 0 && member_of(&status, req.target_id)?.member.learner {
+            return Err(Status::failed_precondition(format!(
+                "node {} is a learner; promote it first",
+                req.target_id
+            )));
         }
         let timeout = deadline.min(self.node.settings.election_timeout * 3);
         let leader = self

@@ -744,16 +744,23 @@ impl RaftNode {
         Ok(index)
     }
 
-    /// Leader: appends its own new entries; a configuration among them takes effect now.
-    fn append_own(&mut self, entries: Vec<pb::Entry>) {
-        let mut config_changed = false;
+    /// Records the configuration entries among `entries` (about to be appended): each takes
+    /// effect now. They always decode: a leader encoded its own, and `step` validated a peer's.
+    /// Returns true if any was found.
+    fn record_configs(&mut self, entries: &[pb::Entry]) -> bool {
+        let mut found = false;
         for e in entries.iter().filter(|e| is_config_entry(e)) {
-            // The leader encoded it itself; it always decodes.
             if let Ok(c) = decode_config(e) {
                 self.configs.push(e.index, c);
-                config_changed = true;
+                found = true;
             }
         }
+        found
+    }
+
+    /// Leader: appends its own new entries; a configuration among them takes effect now.
+    fn append_own(&mut self, entries: Vec<pb::Entry>) {
+        let config_changed = self.record_configs(&entries);
         self.log.append(entries);
         if config_changed {
             self.on_config_changed();
@@ -1261,14 +1268,8 @@ impl RaftNode {
                 .into_iter()
                 .skip((conflict - req.prev_log_index - 1) as usize)
                 .collect();
-            let mut config_changed = self.configs.truncate_from(conflict);
-            for e in tail.iter().filter(|e| is_config_entry(e)) {
-                // Validated in `step`.
-                if let Ok(c) = decode_config(e) {
-                    self.configs.push(e.index, c);
-                    config_changed = true;
-                }
-            }
+            let truncated = self.configs.truncate_from(conflict);
+            let config_changed = self.record_configs(&tail) | truncated;
             self.log.truncate_and_append(tail);
             if config_changed {
                 self.on_config_changed();
