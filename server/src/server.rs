@@ -133,21 +133,17 @@ pub async fn serve(
         }
     });
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sync_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
     // grpcurl 1.8 speaks only the v1alpha reflection protocol.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sync_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
 
     let forwarder = Arc::new(Forwarder::default());
     let raft_service = RaftServer::new(RaftService {
-        driver: node_inputs(&running),
+        driver: running.handle.inputs(),
         timeout: rpc_timeout,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -225,8 +221,10 @@ pub async fn serve(
     }
 }
 
-fn node_inputs(
-    running: &node::RunningNode,
-) -> tokio::sync::mpsc::UnboundedSender<node::driver::Input> {
-    running.handle.inputs()
+/// Reflection over every syncd service and grpc.health.v1 (the builder is not Clone: the v1 and
+/// v1alpha services each need their own).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sync_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }

@@ -184,18 +184,21 @@ pub fn coalesce(batch: Vec<Message>) -> Vec<Message> {
         {
             continue;
         }
-        if let (Some(Message::AppendEntries(prev)), Message::AppendEntries(next)) =
-            (out.last_mut(), &m)
-            && !prev.heartbeat
-            && !next.heartbeat
-            && prev.term == next.term
-            && prev.prev_log_index + prev.entries.len() as u64 == next.prev_log_index
-        {
-            prev.entries.extend(next.entries.iter().cloned());
-            prev.leader_commit = prev.leader_commit.max(next.leader_commit);
-            prev.read_round = prev.read_round.max(next.read_round);
-            continue;
-        }
+        let m = match (out.last_mut(), m) {
+            (Some(Message::AppendEntries(prev)), Message::AppendEntries(next))
+                if !prev.heartbeat
+                    && !next.heartbeat
+                    && prev.term == next.term
+                    && prev.prev_log_index + prev.entries.len() as u64 == next.prev_log_index =>
+            {
+                // The batch is ours: move the entries rather than copy them.
+                prev.entries.extend(next.entries);
+                prev.leader_commit = prev.leader_commit.max(next.leader_commit);
+                prev.read_round = prev.read_round.max(next.read_round);
+                continue;
+            }
+            (_, m) => m,
+        };
         out.push(m);
     }
     out
