@@ -21,30 +21,33 @@
 //! The proto comments are the API reference: `grpcurl describe` shows them through reflection,
 //! served from [`FILE_DESCRIPTOR_SET`].
 
-/// `sync.v1`: the public syncd API.
+/// The `sync.*` packages, nested as their names are so that generated cross-package references
+/// (`sync.internal.v1` using `sync.v1` messages) resolve.
 pub mod sync {
     /// Version 1 of the public API: the `Cluster`, `Lock`, `Queue` and `Cache` services.
     pub mod v1 {
         tonic::include_proto!("sync.v1");
     }
-}
 
-/// `sync.raft.v1`: the Raft protocol between syncd nodes.
-pub mod raft {
-    /// Version 1 of the Raft protocol.
-    pub mod v1 {
-        tonic::include_proto!("sync.raft.v1");
+    /// `sync.raft.v1`: the Raft protocol between syncd nodes.
+    pub mod raft {
+        /// Version 1 of the Raft protocol.
+        pub mod v1 {
+            tonic::include_proto!("sync.raft.v1");
+        }
+    }
+
+    /// `sync.internal.v1`: the replicated state machine's commands and snapshot format (never
+    /// seen by clients).
+    pub mod internal {
+        /// Version 1 of the internal records.
+        pub mod v1 {
+            tonic::include_proto!("sync.internal.v1");
+        }
     }
 }
 
-/// `sync.internal.v1`: the replicated state machine's commands and snapshot format (never seen
-/// by clients).
-pub mod internal {
-    /// Version 1 of the internal records.
-    pub mod v1 {
-        tonic::include_proto!("sync.internal.v1");
-    }
-}
+pub use sync::{internal, raft};
 
 /// The encoded `FileDescriptorSet` of every syncd proto file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sync_descriptor");

@@ -118,6 +118,19 @@ impl<R: Clone> ClientTable<R> {
         }
     }
 
+    /// Replaces the remembered response of an applied request, if it is still remembered: a
+    /// request whose outcome is decided later than its application (an Acquire that queued and
+    /// was granted afterwards) is then answered, on retry, with that final outcome.
+    pub fn replace(&mut self, client_id: u64, sequence: u64, response: R) {
+        if let Some(slot) = self
+            .clients
+            .get_mut(&client_id)
+            .and_then(|r| r.responses.get_mut(&sequence))
+        {
+            *slot = response;
+        }
+    }
+
     /// Forgets the client whose latest request is oldest in the log.
     fn evict_oldest(&mut self) {
         let Some((&id, _)) = self

@@ -7,12 +7,21 @@
 //! - [`dedup`]: the client table that makes a retried request apply once (Raft dissertation
 //!   §6.3).
 //! - [`kv`]: replicated registers (the `Kv` service).
+//! - [`locks`]: sessions and the lock table (the `Lock` service).
+//!
+//! **Time.** The state's clock `now_ms` is the largest leader time applied so far, so it never
+//! goes back even if leaders' clocks disagree. Time-driven changes (session expiry, wait
+//! deadlines, lock-delays) run before each command, but only for entries of the term whose
+//! [`ipb::LeaderEpoch`] was applied last: a new leader's first command extends every session by
+//! a full TTL, and until it is applied nothing expires. So no session expires because of a
+//! failover, nor because a new leader's clock runs ahead of the old one's.
 //!
 //! [`ReplicatedState`] ties them together: it applies committed entries and snapshots itself.
 //! Each primitive (locks, queues, cache) plugs in beside `kv` with its own commands.
 
 pub mod dedup;
 pub mod kv;
+pub mod locks;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -21,6 +30,7 @@ use sync_proto::raft::v1 as pb;
 
 use dedup::{ClientTable, Dedup};
 use kv::KvState;
+use locks::{At, LockTable, Notice};
 
 /// Clients remembered by the de-duplication table.
 const MAX_DEDUP_CLIENTS: usize = 100_000;
@@ -55,6 +65,14 @@ pub struct ReplicatedState {
     kv: KvState,
     /// Request de-duplication; responses are encoded [`ipb::CommandResult`]s.
     dedup: ClientTable<Bytes>,
+    /// The state's clock: the largest leader time applied (see the module docs).
+    now_ms: u64,
+    /// The term whose LeaderEpoch was applied last.
+    epoch_term: u64,
+    /// Sessions and locks.
+    locks: LockTable,
+    /// What applying produced for the node to report (lock events, ended waits).
+    notices: Vec<Notice>,
 }
 
 impl Default for ReplicatedState {
@@ -63,6 +81,10 @@ impl Default for ReplicatedState {
             applied_index: 0,
             kv: KvState::default(),
             dedup: ClientTable::new(MAX_DEDUP_CLIENTS, MAX_DEDUP_RESPONSES),
+            now_ms: 0,
+            epoch_term: 0,
+            locks: LockTable::default(),
+            notices: Vec::new(),
         }
     }
 }
@@ -78,6 +100,31 @@ impl ReplicatedState {
         &self.kv
     }
 
+    /// The lock table.
+    pub fn locks(&self) -> &LockTable {
+        &self.locks
+    }
+
+    /// The state's clock (leader time, Unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// The term whose LeaderEpoch was applied last: a leader whose term differs proposes one.
+    pub fn epoch_term(&self) -> u64 {
+        self.epoch_term
+    }
+
+    /// The earliest leader time at which a [`ipb::Tick`] would change something.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.locks.next_deadline()
+    }
+
+    /// Drains what applying produced (lock events and ended waits), for the node to publish.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
     /// Applies one committed entry. Entries must come in index order; an entry whose data does
     /// not decode as a [`ipb::Command`] is rejected for the client but still consumes its index
     /// (every replica rejects it the same way).
@@ -86,28 +133,74 @@ impl ReplicatedState {
         if entry.entry_type != pb::EntryType::Normal as i32 || entry.data.is_empty() {
             return Applied::Internal;
         }
-        if let Some(request) = entry.request.filter(|r| r.client_id != 0) {
-            match self.dedup.check(&request) {
-                Dedup::Apply => {}
-                Dedup::Duplicate(encoded) => {
-                    return Applied::Result(
-                        ipb::CommandResult::decode(encoded.as_ref()).unwrap_or_default(),
-                    );
-                }
-                Dedup::Expired => return Applied::Expired,
-            }
-            let result = self.execute(entry);
-            self.dedup
-                .record(&request, entry.index, Bytes::from(result.encode_to_vec()));
-            return Applied::Result(result);
+        let command = ipb::Command::decode(entry.data.as_ref());
+        if let Ok(c) = &command {
+            self.advance_time(entry, c);
         }
-        Applied::Result(self.execute(entry))
+        let request = entry.request.filter(|r| r.client_id != 0);
+        let result = match request {
+            Some(request) => match self.dedup.check(&request) {
+                Dedup::Apply => {
+                    let result = self.execute(entry.index, command, Some(&request));
+                    self.dedup
+                        .record(&request, entry.index, Bytes::from(result.encode_to_vec()));
+                    Applied::Result(result)
+                }
+                Dedup::Duplicate(encoded) => Applied::Result(
+                    ipb::CommandResult::decode(encoded.as_ref()).unwrap_or_default(),
+                ),
+                Dedup::Expired => Applied::Expired,
+            },
+            None => Applied::Result(self.execute(entry.index, command, None)),
+        };
+        self.collect_notices();
+        result
     }
 
-    fn execute(&mut self, entry: &pb::Entry) -> ipb::CommandResult {
+    /// Moves the clock to the command's leader time and performs what falls due (see the module
+    /// docs for why only under the current epoch).
+    fn advance_time(&mut self, entry: &pb::Entry, command: &ipb::Command) {
+        self.now_ms = self.now_ms.max(command.leader_time_unix_ms);
+        if let Some(ipb::command::Op::LeaderEpoch(_)) = command.op {
+            self.epoch_term = entry.term;
+            self.locks.extend_all_sessions(self.now_ms);
+        } else if entry.term == self.epoch_term {
+            self.locks.advance(At {
+                index: entry.index,
+                now_ms: self.now_ms,
+            });
+        }
+    }
+
+    /// Takes the lock table's notices; a wait that ended rewrites its Acquire's remembered
+    /// answer, so a retry of that Acquire learns the outcome.
+    fn collect_notices(&mut self) {
+        for notice in self.locks.take_notices() {
+            if let Notice::WaitEnded {
+                request: Some(r),
+                result,
+                ..
+            } = &notice
+            {
+                let answer = ipb::CommandResult {
+                    result: Some(ipb::command_result::Result::Lock(result.clone())),
+                };
+                self.dedup
+                    .replace(r.client_id, r.sequence, Bytes::from(answer.encode_to_vec()));
+            }
+            self.notices.push(notice);
+        }
+    }
+
+    fn execute(
+        &mut self,
+        index: u64,
+        command: Result<ipb::Command, prost::DecodeError>,
+        request: Option<&pb::RequestId>,
+    ) -> ipb::CommandResult {
         use ipb::command::Op;
         use ipb::command_result::Result as R;
-        let command = match ipb::Command::decode(entry.data.as_ref()) {
+        let command = match command {
             Ok(c) => c,
             Err(e) => {
                 return ipb::CommandResult {
@@ -115,18 +208,28 @@ impl ReplicatedState {
                 };
             }
         };
-        let result = match command.op {
-            Some(Op::KvPut(put)) => R::KvPut(ipb::KvPutResult {
-                replaced: self.kv.put(put.key, put.value, entry.index),
-            }),
-            Some(Op::KvDelete(del)) => R::KvDelete(ipb::KvDeleteResult {
-                existed: self.kv.delete(&del.key),
-            }),
-            None => R::Rejected("command has no operation".into()),
+        let at = At {
+            index,
+            now_ms: self.now_ms,
         };
-        ipb::CommandResult {
-            result: Some(result),
-        }
+        let result = match command.op {
+            Some(Op::KvPut(put)) => Some(R::KvPut(ipb::KvPutResult {
+                replaced: self.kv.put(put.key, put.value, index),
+            })),
+            Some(Op::KvDelete(del)) => Some(R::KvDelete(ipb::KvDeleteResult {
+                existed: self.kv.delete(&del.key),
+            })),
+            Some(Op::Tick(_)) | Some(Op::LeaderEpoch(_)) => None,
+            Some(Op::Lock(cmd)) => {
+                let request = request.map(|r| ipb::ClientRequest {
+                    client_id: r.client_id,
+                    sequence: r.sequence,
+                });
+                Some(R::Lock(self.locks.apply(&cmd, request, at)))
+            }
+            None => Some(R::Rejected("command has no operation".into())),
+        };
+        ipb::CommandResult { result }
     }
 
     /// Encodes the whole state.
@@ -161,6 +264,9 @@ impl ReplicatedState {
                 .into_iter()
                 .map(|(client_id, reached)| ipb::ForgottenClient { client_id, reached })
                 .collect(),
+            now_unix_ms: self.now_ms,
+            epoch_term: self.epoch_term,
+            locks: Some(self.locks.snapshot()),
         }
         .encode_to_vec()
     }
@@ -170,6 +276,9 @@ impl ReplicatedState {
         let snap = ipb::StateSnapshot::decode(data)?;
         let mut state = ReplicatedState {
             applied_index: snap.applied_index,
+            now_ms: snap.now_unix_ms,
+            epoch_term: snap.epoch_term,
+            locks: LockTable::restore(snap.locks.unwrap_or_default()),
             ..Default::default()
         };
         for r in snap.kv {
