@@ -186,47 +186,62 @@ impl LockTable {
         }
     }
 
-    /// Performs everything due at `at.now_ms`, in a fixed order: expired sessions (ascending
-    /// expiry, then id), then waits past their deadline, then ended lock-delays.
+    /// Performs everything due by `at.now_ms` in time order, as if each had happened at its
+    /// own time: an expiry at t1 is handled before a wait deadline at t2 > t1, so a lock freed at
+    /// t1 goes to a waiter whose deadline had not passed at t1, and never to one whose deadline
+    /// came first. Ties go to session expiry, then wait deadlines, then lock-delays, then id.
     pub fn advance(&mut self, at: At) {
-        while let Some((expires, id)) = self.sessions.next_expiry() {
-            if expires > at.now_ms {
-                break;
-            }
-            self.end_session(id, Ending::Expired, at);
+        #[derive(PartialEq, Eq, PartialOrd, Ord)]
+        enum Due {
+            Session(u64),
+            Wait(u64),
+            Delay(String),
         }
-        while let Some(&(deadline, id)) = self.wait_deadlines.first() {
-            if deadline > at.now_ms {
-                break;
+        loop {
+            let next = [
+                self.sessions.next_expiry().map(|(t, id)| (t, Due::Session(id))),
+                self.wait_deadlines.first().map(|&(t, id)| (t, Due::Wait(id))),
+                self.delays.first().map(|(t, n)| (*t, Due::Delay(n.clone()))),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some((t, due)) = next.filter(|(t, _)| *t <= at.now_ms) else {
+                return;
+            };
+            let at_t = At {
+                index: at.index,
+                now_ms: t,
+            };
+            match due {
+                Due::Session(id) => {
+                    self.end_session(id, Ending::Expired, at_t);
+                }
+                Due::Wait(id) => {
+                    let waited = self.waiter(id).map_or(0, |w| t.saturating_sub(w.since_ms));
+                    let name = self.waiter_locks.get(&id).cloned().unwrap_or_default();
+                    self.withdraw(
+                        id,
+                        error(
+                            Code::DeadlineExceeded,
+                            format!(
+                                "waited {waited} ms for lock `{name}` without a grant; retry \
+                                 with a longer wait, or see who holds it with GetLock"
+                            ),
+                        ),
+                        at_t,
+                    );
+                }
+                Due::Delay(name) => {
+                    self.delays.remove(&(t, name.clone()));
+                    if let Some(lock) = self.locks.get_mut(&name)
+                        && lock.delay_until_ms == t
+                    {
+                        lock.delay_until_ms = 0;
+                    }
+                    self.serve(&name, at_t);
+                }
             }
-            let waited = self
-                .waiter(id)
-                .map(|w| at.now_ms.saturating_sub(w.since_ms))
-                .unwrap_or(0);
-            let name = self.waiter_locks.get(&id).cloned().unwrap_or_default();
-            self.withdraw(
-                id,
-                error(
-                    Code::DeadlineExceeded,
-                    format!(
-                        "waited {waited} ms for lock `{name}` without a grant; retry with a \
-                         longer wait, or see who holds it with GetLock"
-                    ),
-                ),
-                at,
-            );
-        }
-        while let Some((until, name)) = self.delays.first().cloned() {
-            if until > at.now_ms {
-                break;
-            }
-            self.delays.remove(&(until, name.clone()));
-            if let Some(lock) = self.locks.get_mut(&name)
-                && lock.delay_until_ms == until
-            {
-                lock.delay_until_ms = 0;
-            }
-            self.serve(&name, at);
         }
     }
 
