@@ -281,6 +281,23 @@ impl Model {
                 } else {
                     self.see_token(lock, *token);
                 }
+                // FIFO for new requests: granted at once only if nobody waits ahead and it is
+                // compatible with every holder; an upgrade only for the sole holder.
+                match &held {
+                    None => {
+                        assert!(info.waiters.is_empty(), "a new request overtook waiters");
+                        assert!(
+                            info.holders
+                                .iter()
+                                .all(|h| !mode.conflicts(wire_mode(h.mode))),
+                            "granted beside a conflicting holder"
+                        );
+                    }
+                    Some(h) if wire_mode(h.mode) == Mode::Shared && mode == Mode::Exclusive => {
+                        assert_eq!(info.holders.len(), 1, "upgraded beside other holders");
+                    }
+                    Some(_) => {}
+                }
             }
             Answer::Refused => assert_eq!(wait, 0, "only a try-lock is refused"),
             Answer::Queued(id) => {
