@@ -14,6 +14,7 @@ use std::sync::Arc;
 use sync_proto::raft::v1::raft_server::RaftServer;
 use sync_proto::sync::v1::cluster_server::ClusterServer;
 use sync_proto::sync::v1::kv_server::KvServer;
+use sync_proto::sync::v1::lock_server::LockServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -21,6 +22,7 @@ use tonic_health::ServingStatus;
 use crate::api::Forwarder;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
+use crate::api::lock::LockService;
 use crate::metrics::{self, GrpcMetricsLayer, HealthReport};
 use crate::node::config::Settings;
 use crate::node::driver::NodeStatus;
@@ -31,7 +33,7 @@ use crate::node::{self, NodeError, StartError};
 pub const HEALTH_MAX_APPLY_LAG: u64 = 1000;
 
 /// The public services whose health is reported.
-const SERVICES: [&str; 2] = ["sync.v1.Cluster", "sync.v1.Kv"];
+const SERVICES: [&str; 3] = ["sync.v1.Cluster", "sync.v1.Kv", "sync.v1.Lock"];
 
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +167,10 @@ pub async fn serve(
         .layer(GrpcMetricsLayer::new())
         .add_service(raft_service)
         .add_service(ClusterServer::new(ClusterService {
+            node: node.clone(),
+            forwarder: forwarder.clone(),
+        }))
+        .add_service(LockServer::new(LockService {
             node: node.clone(),
             forwarder: forwarder.clone(),
         }))

@@ -177,6 +177,11 @@ impl NodeClient {
         KvClient::new(self.channel.clone())
     }
 
+    /// The raw Lock client.
+    pub fn lock(&self) -> sync_proto::sync::v1::lock_client::LockClient<Channel> {
+        sync_proto::sync::v1::lock_client::LockClient::new(self.channel.clone())
+    }
+
     /// Sends one call with the deadline set as `grpc-timeout`, and gives up by itself shortly
     /// after, so a node that never answers (e.g. paused) cannot hang a test.
     async fn call<Req, Resp, Fut>(

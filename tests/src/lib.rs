@@ -16,6 +16,8 @@
 //! - [`workload`]: writers that number their requests (`RequestHeader`) and retry them
 //!   unchanged; a [`Ledger`] of what was acknowledged; the checks that every acknowledged write
 //!   is readable, nothing was applied twice and all nodes agree.
+//! - [`locks`]: a lock user that retries every call unchanged on any node, and a history of
+//!   holds with an overlap checker.
 //! - [`wait`]: bounded polling.
 //! - `binary`: finds the `syncd` binary (and asks cargo to bring it up to date).
 //!
@@ -26,6 +28,7 @@
 
 mod binary;
 pub mod harness;
+pub mod locks;
 pub mod proxy;
 pub mod wait;
 pub mod workload;

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod kv;
+pub mod lock;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

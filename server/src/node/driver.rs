@@ -28,6 +28,7 @@ use crate::metrics::record::{self, Proposal};
 use crate::raft::{
     ClusterConfigExt, ConfigChange, Message, NodeId, PeerStatus, RaftError, RaftNode, Role,
 };
+use crate::state::locks::Notice;
 use crate::state::{Applied, ReplicatedState, encode_command};
 
 /// A read evaluated against the state once it is safe, or told why it cannot be.
@@ -231,11 +232,21 @@ fn request_kind(m: &Message) -> Option<RequestKind> {
     }
 }
 
-/// Unix time in milliseconds (stamped into commands by the leader).
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// The leader's time in Unix milliseconds, stamped into every command it proposes.
+///
+/// It is read from the wall clock once, then advanced by the monotonic clock: a wall-clock step
+/// (NTP, an operator) while this process runs cannot make replicated time jump forward and
+/// expire sessions early. Different leaders' clocks may disagree; the state machine copes with
+/// that through leader epochs (see `state`'s module docs).
+pub fn now_unix_ms() -> u64 {
+    static ANCHOR: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (at, unix_ms) = ANCHOR.get_or_init(|| {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (Instant::now(), unix)
+    });
+    unix_ms + at.elapsed().as_millis() as u64
 }
 
 /// The driver's state (see the module docs).
@@ -267,6 +278,8 @@ pub struct Driver {
     reachable: BTreeMap<NodeId, bool>,
     status_tx: watch::Sender<NodeStatus>,
     events: broadcast::Sender<ClusterEvent>,
+    /// The state machine's notices, as they are applied.
+    notices: broadcast::Sender<Notice>,
     last_leader: Option<NodeId>,
     last_config: pb::ClusterConfig,
     shutting_down: Option<Instant>,
@@ -305,6 +318,8 @@ pub struct DriverParts {
     pub status_tx: watch::Sender<NodeStatus>,
     /// Where events go.
     pub events: broadcast::Sender<ClusterEvent>,
+    /// Where the state machine's notices (lock events, ended waits) go.
+    pub notices: broadcast::Sender<Notice>,
 }
 
 impl Driver {
@@ -342,6 +357,7 @@ impl Driver {
             reachable: BTreeMap::new(),
             status_tx: p.status_tx,
             events: p.events,
+            notices: p.notices,
             last_leader: None,
             last_config: pb::ClusterConfig::default(),
             shutting_down: None,
@@ -674,6 +690,9 @@ impl Driver {
             }
             for e in &rd.committed_entries {
                 let applied = self.state.apply(e);
+                for n in self.state.take_notices() {
+                    let _ = self.notices.send(n);
+                }
                 self.resolve(e.index, e.term, applied);
             }
             for rs in rd.read_states {

@@ -11,6 +11,7 @@
 //! the engine then hands the committed entries after the snapshot to the driver, which applies
 //! them again, so the state is rebuilt before it serves.
 
+pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod logging;
@@ -25,6 +26,7 @@ use sync_proto::raft::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::raft::{ConfigChange, NodeId, RaftError, RaftNode, Role};
+use crate::state::locks::Notice;
 use crate::state::{Applied, ReplicatedState};
 use crate::storage::{LogStore, Wal, WalOptions};
 use config::Settings;
@@ -67,6 +69,7 @@ pub struct NodeHandle {
     inputs: mpsc::UnboundedSender<Input>,
     status: watch::Receiver<NodeStatus>,
     events: broadcast::Sender<ClusterEvent>,
+    notices: broadcast::Sender<Notice>,
     /// The node's settings.
     pub settings: Arc<Settings>,
 }
@@ -109,6 +112,12 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Input::ChangeMembership { change, reply })?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// The state machine's notices (lock events, ended waits) from now on, as this node applies
+    /// them. Subscribe before proposing a command whose consequences you wait for.
+    pub fn notices(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     /// Hands leadership to `target` (0: the most caught-up voter); returns the new leader.
@@ -202,6 +211,10 @@ pub struct RunningNode {
     pub wal_thread: std::thread::JoinHandle<()>,
 }
 
+/// How many state-machine notices a slow subscriber may fall behind before it loses some (and
+/// must re-read the state).
+const NOTICE_BUFFER: usize = 4096;
+
 /// Opens the data directory and starts the node's driver.
 pub fn start(settings: Settings) -> Result<RunningNode, StartError> {
     let settings = Arc::new(settings);
@@ -268,6 +281,7 @@ pub fn start(settings: Settings) -> Result<RunningNode, StartError> {
     };
     let (status_tx, status_rx) = watch::channel(initial_status);
     let (events, _) = broadcast::channel(1024);
+    let (notices, _) = broadcast::channel(NOTICE_BUFFER);
     let driver = Driver::new(DriverParts {
         settings: settings.clone(),
         raft,
@@ -280,15 +294,19 @@ pub fn start(settings: Settings) -> Result<RunningNode, StartError> {
         snapshot_index,
         status_tx,
         events: events.clone(),
+        notices: notices.clone(),
     });
     let driver = tokio::spawn(driver.run());
+    let handle = NodeHandle {
+        inputs: inputs_tx,
+        status: status_rx,
+        events,
+        notices,
+        settings,
+    };
+    tokio::spawn(clock::run(handle.clone()));
     Ok(RunningNode {
-        handle: NodeHandle {
-            inputs: inputs_tx,
-            status: status_rx,
-            events,
-            settings,
-        },
+        handle,
         driver,
         wal_thread,
     })

@@ -20,6 +20,10 @@ pub struct CycleStep {
     pub lock: String,
 }
 
+/// One frame of the depth-first search: a session, its out-edges `(lock, blocker)`, and how
+/// many of them were tried.
+type Frame = (u64, Vec<(String, u64)>, usize);
+
 impl LockTable {
     /// The edges out of `session`: `(lock, blocking session)` for every lock it awaits, in lock
     /// name order, then blocker order.
@@ -44,9 +48,7 @@ impl LockTable {
     /// Depth-first and deterministic: every replica finds the same cycle.
     pub(super) fn find_cycle(&self, start: u64) -> Option<Vec<CycleStep>> {
         let mut visited = BTreeSet::from([start]);
-        // Each frame: a session, its edges, and how many of them were tried.
-        let mut stack: Vec<(u64, Vec<(String, u64)>, usize)> =
-            vec![(start, self.wait_edges(start), 0)];
+        let mut stack: Vec<Frame> = vec![(start, self.wait_edges(start), 0)];
         while let Some((_, edges, tried)) = stack.last_mut() {
             let Some((_, to)) = edges.get(*tried).cloned() else {
                 stack.pop();

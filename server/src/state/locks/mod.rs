@@ -199,9 +199,15 @@ impl LockTable {
         }
         loop {
             let next = [
-                self.sessions.next_expiry().map(|(t, id)| (t, Due::Session(id))),
-                self.wait_deadlines.first().map(|&(t, id)| (t, Due::Wait(id))),
-                self.delays.first().map(|(t, n)| (*t, Due::Delay(n.clone()))),
+                self.sessions
+                    .next_expiry()
+                    .map(|(t, id)| (t, Due::Session(id))),
+                self.wait_deadlines
+                    .first()
+                    .map(|&(t, id)| (t, Due::Wait(id))),
+                self.delays
+                    .first()
+                    .map(|(t, n)| (*t, Due::Delay(n.clone()))),
             ]
             .into_iter()
             .flatten()

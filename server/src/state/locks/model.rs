@@ -80,7 +80,11 @@ struct Model {
 }
 
 fn mode_of(shared: bool) -> Mode {
-    if shared { Mode::Shared } else { Mode::Exclusive }
+    if shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    }
 }
 
 fn wire_mode(m: i32) -> Mode {
@@ -187,11 +191,17 @@ impl Model {
             Step::KeepAlive(i) => Some(self.h.keep_alive(self.sessions[*i].id)),
             Step::Revoke(i) => {
                 let id = self.sessions[*i].id;
-                Some(self.h.run(Op::RevokeSession(ipb::RevokeSession { session_id: id })))
+                Some(
+                    self.h
+                        .run(Op::RevokeSession(ipb::RevokeSession { session_id: id })),
+                )
             }
             Step::Cancel(k) => {
                 let id = self.waiters.keys().nth(*k).copied().unwrap_or(0);
-                Some(self.h.run(Op::CancelWait(ipb::CancelWait { waiter_id: id })))
+                Some(
+                    self.h
+                        .run(Op::CancelWait(ipb::CancelWait { waiter_id: id })),
+                )
             }
             Step::Pass(ms) => {
                 self.h.pass(*ms);
@@ -263,7 +273,11 @@ impl Model {
         let held = info.holders.iter().find(|h| h.session_id == sid).cloned();
         let waiting_already = info.waiters.iter().any(|w| w.session_id == sid);
         if gone {
-            assert_eq!(*ans, Answer::Failed(Code::NotFound), "acquire by a gone session");
+            assert_eq!(
+                *ans,
+                Answer::Failed(Code::NotFound),
+                "acquire by a gone session"
+            );
             return;
         }
         if waiting_already {
@@ -359,12 +373,14 @@ impl Model {
                     let Some((session, lock)) = self.waiters.remove(&waiter_id) else {
                         panic!("an unknown wait {waiter_id} ended");
                     };
-                    let Some(pos) = self.queues[&lock].iter().position(|w| *w == waiter_id)
-                    else {
+                    let Some(pos) = self.queues[&lock].iter().position(|w| *w == waiter_id) else {
                         panic!("wait {waiter_id} ended but the model has it in no queue");
                     };
                     if let Answer::Granted { token, .. } = answer(&result) {
-                        assert_eq!(pos, 0, "FIFO: waiter {waiter_id} granted from position {pos}");
+                        assert_eq!(
+                            pos, 0,
+                            "FIFO: waiter {waiter_id} granted from position {pos}"
+                        );
                         let s = &self.sessions[session];
                         let t = granted_at.get(&(lock.clone(), s.id)).copied();
                         assert!(
@@ -410,7 +426,11 @@ impl Model {
                 .iter()
                 .map(|w| self.sessions[self.waiters[w].0].id)
                 .collect();
-            assert_eq!(table_sessions, model_sessions, "queue order of {}", info.name);
+            assert_eq!(
+                table_sessions, model_sessions,
+                "queue order of {}",
+                info.name
+            );
             if let Some(head) = info.waiters.first()
                 && info.lock_delay_until_unix_ms <= self.h.now
             {
@@ -423,7 +443,10 @@ impl Model {
                 assert!(blocked, "the head of {} waits for nothing", info.name);
             }
         }
-        assert!(!has_cycle(&graph(&infos)), "the waits-for graph has a cycle");
+        assert!(
+            !has_cycle(&graph(&infos)),
+            "the waits-for graph has a cycle"
+        );
         for s in &self.sessions {
             let present = self.h.table.session_info(s.id, self.h.now).is_some();
             if s.gone {
