@@ -369,7 +369,7 @@ async fn fifty_clients_on_five_locks_never_overlap_while_the_leader_is_killed_tw
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let lock = format!("lock-{}", (rng >> 33) % 5);
-                    let exclusive = (rng >> 40) % 2 == 0;
+                    let exclusive = (rng >> 40).is_multiple_of(2);
                     let mode = if exclusive {
                         LockMode::Exclusive
                     } else {
