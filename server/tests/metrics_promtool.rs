@@ -74,6 +74,10 @@ fn record_one_of_everything() {
         record::peer_reachable(peer, peer == 2);
     }
     record::node_info(1);
+    record::lock_table(3, 2);
+    record::lock_event(sync_proto::sync::v1::LockEventType::Acquired as i32);
+    record::lock_event(sync_proto::sync::v1::LockEventType::Deadlock as i32);
+    record::lock_wait(Duration::from_millis(12));
     // The gRPC families are recorded by the middleware; record one request by hand.
     ::metrics::counter!(
         names::GRPC_SERVER_REQUESTS,

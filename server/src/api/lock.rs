@@ -462,9 +462,10 @@ impl api::lock_server::Lock for LockService {
         match result.result {
             Some(R::Queued(q)) => {
                 let budget = client.unwrap_or(wait + WAIT_SLACK);
-                self.await_wait(notices, q.waiter_id, budget)
-                    .await
-                    .map(Response::new)
+                let started = Instant::now();
+                let answer = self.await_wait(notices, q.waiter_id, budget).await;
+                crate::metrics::record::lock_wait(started.elapsed());
+                answer.map(Response::new)
             }
             other => acquire_answer(ipb::LockResult { result: other }).map(Response::new),
         }

@@ -131,6 +131,23 @@ fn prometheus_builder() -> Result<PrometheusBuilder, MetricsError> {
 pub fn describe_all() {
     use names::*;
 
+    describe_gauge!(LOCK_SESSIONS, Unit::Count, "Open lock sessions.");
+    describe_gauge!(
+        LOCK_LOCKS,
+        Unit::Count,
+        "Locks held, awaited or under lock-delay."
+    );
+    describe_counter!(
+        LOCK_EVENTS,
+        Unit::Count,
+        "Lock events applied, by type (acquired, converted, released, expired, revoked, deadlock)."
+    );
+    describe_histogram!(
+        LOCK_WAIT_DURATION,
+        Unit::Seconds,
+        "Time Acquire calls served here waited in a lock's queue."
+    );
+
     describe_gauge!(
         RAFT_ROLE,
         Unit::Count,

@@ -67,6 +67,20 @@ pub const BUILD_INFO: &str = "syncd_build_info";
 /// Gauge set to 1, label `node_id`: the Raft node id of this process.
 pub const NODE_INFO: &str = "syncd_node_info";
 
+// ---- Locks ------------------------------------------------------------------------------------
+
+/// Gauge: open lock sessions (explicit and implicit) in this member's replica.
+pub const LOCK_SESSIONS: &str = "syncd_lock_sessions";
+/// Gauge: locks held, awaited or under lock-delay in this member's replica.
+pub const LOCK_LOCKS: &str = "syncd_lock_locks";
+/// Counter, label `type` = `acquired` | `converted` | `released` | `expired` | `revoked` |
+/// `deadlock`: lock events this member applied. Every replica applies the same events, so a
+/// dashboard should read one member (or divide by the member count).
+pub const LOCK_EVENTS: &str = "syncd_lock_events_total";
+/// Histogram: how long Acquire calls served by this member waited in a lock's queue before
+/// their wait ended (granted or not).
+pub const LOCK_WAIT_DURATION: &str = "syncd_lock_wait_duration_seconds";
+
 /// Every name above, in the order they appear.
 pub const ALL: &[&str] = &[
     RAFT_ROLE,
@@ -88,4 +102,8 @@ pub const ALL: &[&str] = &[
     GRPC_SERVER_REQUEST_DURATION,
     BUILD_INFO,
     NODE_INFO,
+    LOCK_SESSIONS,
+    LOCK_LOCKS,
+    LOCK_EVENTS,
+    LOCK_WAIT_DURATION,
 ];

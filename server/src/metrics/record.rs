@@ -140,6 +140,32 @@ pub fn node_info(node_id: NodeId) {
     gauge!(names::NODE_INFO, "node_id" => node_id.to_string()).set(1.0);
 }
 
+/// Sets the lock-table gauges.
+pub fn lock_table(sessions: usize, locks: usize) {
+    gauge!(names::LOCK_SESSIONS).set(sessions as f64);
+    gauge!(names::LOCK_LOCKS).set(locks as f64);
+}
+
+/// Counts one applied lock event; `kind` is the event type's wire value.
+pub fn lock_event(kind: i32) {
+    use sync_proto::sync::v1::LockEventType as T;
+    let label = match T::try_from(kind).unwrap_or(T::Unspecified) {
+        T::Acquired => "acquired",
+        T::Converted => "converted",
+        T::Released => "released",
+        T::Expired => "expired",
+        T::Revoked => "revoked",
+        T::Deadlock => "deadlock",
+        T::Unspecified => return,
+    };
+    counter!(names::LOCK_EVENTS, "type" => label).increment(1);
+}
+
+/// Records how long one Acquire waited in a queue.
+pub fn lock_wait(elapsed: Duration) {
+    histogram!(names::LOCK_WAIT_DURATION).record(elapsed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

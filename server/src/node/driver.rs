@@ -691,6 +691,9 @@ impl Driver {
             for e in &rd.committed_entries {
                 let applied = self.state.apply(e);
                 for n in self.state.take_notices() {
+                    if let Notice::Event(e) = &n {
+                        record::lock_event(e.r#type);
+                    }
                     let _ = self.notices.send(n);
                 }
                 self.resolve(e.index, e.term, applied);
@@ -1038,6 +1041,10 @@ impl Driver {
         record::term(status.term);
         record::commit_index(status.commit);
         record::applied_index(status.applied);
+        record::lock_table(
+            self.state.locks().session_count(),
+            self.state.locks().lock_count(),
+        );
         record::role(status.role);
         record::log_size(
             (status.last_index + 1).saturating_sub(self.raft.first_index()),
