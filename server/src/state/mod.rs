@@ -13,6 +13,7 @@
 
 pub mod dedup;
 pub mod kv;
+pub mod queue;
 
 use bytes::Bytes;
 use prost::Message as _;
