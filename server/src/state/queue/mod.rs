@@ -8,7 +8,8 @@
 //! - [`topic`]: a topic's messages and indexes (delivery order, ordering keys, timers);
 //! - [`dedup_window`]: the dedup_ids a topic remembers;
 //! - `admin`, `publish`, `delivery`, `dead_letter`: the commands, one concept per file;
-//! - `snapshot`: [`QueueState::snapshot`] and [`QueueState::restore`].
+//! - `snapshot`: [`QueueState::snapshot`] and [`QueueState::restore`];
+//! - `tests` (rule by rule) and `testkit` (command builders for the tests).
 //!
 //! # Determinism
 //! Nothing here reads a clock, does I/O or draws random numbers. Time is the leader-stamped
@@ -46,6 +47,10 @@ mod delivery;
 mod publish;
 mod snapshot;
 
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
