@@ -62,6 +62,22 @@ pub fn keyed(payload: &str, key: &str) -> ipb::QueuePublishEntry {
     }
 }
 
+/// An entry with a dedup_id.
+pub fn deduped(payload: &str, dedup_id: &str) -> ipb::QueuePublishEntry {
+    ipb::QueuePublishEntry {
+        dedup_id: dedup_id.into(),
+        ..entry(payload)
+    }
+}
+
+/// An entry published with a delay.
+pub fn delayed(payload: &str, delay_ms: u64) -> ipb::QueuePublishEntry {
+    ipb::QueuePublishEntry {
+        delay_ms,
+        ..entry(payload)
+    }
+}
+
 /// Publish of `entries` (auto-create off).
 pub fn publish(topic: &str, entries: Vec<ipb::QueuePublishEntry>) -> Op {
     publish_with(topic, false, entries)

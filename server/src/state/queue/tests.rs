@@ -23,6 +23,17 @@ fn with_topic() -> Harness {
     h
 }
 
+/// Topic `t` with one message whose first delivery timed out and which is now in its second
+/// delivery.
+fn redelivered() -> (Harness, String) {
+    let mut h = with_topic();
+    let id = h.publish("t", vec![entry("a")]).remove(0);
+    h.deliver("t", 1, 0);
+    h.sleep(100);
+    assert_eq!(h.deliver("t", 1, 0), [(id.clone(), 2)]);
+    (h, id)
+}
+
 fn counts(h: &Harness, topic: &str) -> (u64, u64, u64) {
     let s = h.stats(topic);
     (s.visible, s.in_flight, s.delayed)
@@ -208,10 +219,7 @@ fn deliver_with_auto_create_creates_the_topic_and_delivers_nothing() {
 fn dedup_id_within_the_window_publishes_nothing() {
     let mut h = Harness::at(0);
     h.ok(create("t", Some(settings(0, 0, "", 0, 0, 0, 0, 1_000))));
-    let with_id = || ipb::QueuePublishEntry {
-        dedup_id: "order-7".into(),
-        ..entry("x")
-    };
+    let with_id = || deduped("x", "order-7");
     let R::Publish(first) = h.ok(publish("t", vec![with_id()])) else {
         panic!()
     };
@@ -229,10 +237,7 @@ fn dedup_id_within_the_window_publishes_nothing() {
 fn dedup_id_after_the_window_publishes_again() {
     let mut h = Harness::at(0);
     h.ok(create("t", Some(settings(0, 0, "", 0, 0, 0, 0, 1_000))));
-    let with_id = ipb::QueuePublishEntry {
-        dedup_id: "d".into(),
-        ..entry("x")
-    };
+    let with_id = deduped("x", "d");
     h.ok(publish("t", vec![with_id.clone()]));
     h.sleep(1_000);
     let R::Publish(again) = h.ok(publish("t", vec![with_id])) else {
@@ -245,10 +250,7 @@ fn dedup_id_after_the_window_publishes_again() {
 #[test]
 fn a_repeated_dedup_id_inside_one_batch_is_deduplicated_against_the_first() {
     let mut h = with_topic();
-    let e = ipb::QueuePublishEntry {
-        dedup_id: "d".into(),
-        ..entry("x")
-    };
+    let e = deduped("x", "d");
     let R::Publish(r) = h.ok(publish("t", vec![e.clone(), entry("y"), e])) else {
         panic!()
     };
@@ -260,10 +262,7 @@ fn a_repeated_dedup_id_inside_one_batch_is_deduplicated_against_the_first() {
 #[test]
 fn an_acknowledged_message_still_deduplicates_within_the_window() {
     let mut h = with_topic();
-    let e = ipb::QueuePublishEntry {
-        dedup_id: "d".into(),
-        ..entry("x")
-    };
+    let e = deduped("x", "d");
     let id = h.publish("t", vec![e.clone()]).remove(0);
     h.deliver("t", 1, 0);
     h.ok(ack("t", &id, 1));
@@ -298,10 +297,7 @@ fn entries_outside_the_documented_limits_are_invalid() {
             attributes: (0..=MAX_ATTRIBUTES).map(|i| attr(&i.to_string())).collect(),
             ..entry("x")
         },
-        ipb::QueuePublishEntry {
-            delay_ms: MAX_PUBLISH_DELAY_MS + 1,
-            ..entry("x")
-        },
+        delayed("x", MAX_PUBLISH_DELAY_MS + 1),
         ipb::QueuePublishEntry {
             dedup_id: "d".repeat(MAX_DEDUP_ID_BYTES + 1),
             ..entry("x")
@@ -367,10 +363,7 @@ fn retention_max_bytes_refuses_with_resource_exhausted() {
 #[test]
 fn a_refused_auto_create_publish_creates_no_topic() {
     let mut h = Harness::at(0);
-    let bad = ipb::QueuePublishEntry {
-        delay_ms: MAX_PUBLISH_DELAY_MS + 1,
-        ..entry("x")
-    };
+    let bad = delayed("x", MAX_PUBLISH_DELAY_MS + 1);
     assert_eq!(
         h.err(publish_with("new", true, vec![entry("ok"), bad])),
         Code::InvalidArgument
@@ -381,11 +374,7 @@ fn a_refused_auto_create_publish_creates_no_topic() {
 #[test]
 fn a_delayed_message_is_not_delivered_before_its_delay_ends() {
     let mut h = with_topic();
-    let delayed = ipb::QueuePublishEntry {
-        delay_ms: 500,
-        ..entry("later")
-    };
-    let id = h.publish("t", vec![delayed]).remove(0);
+    let id = h.publish("t", vec![delayed("later", 500)]).remove(0);
     assert_eq!(counts(&h, "t"), (0, 0, 1));
     assert_eq!(h.state.next_deadline(), Some(1_500));
     h.sleep(499);
@@ -583,11 +572,7 @@ fn ack_deletes_the_message() {
 
 #[test]
 fn a_stale_receipt_is_refused_after_redelivery() {
-    let mut h = with_topic();
-    let id = h.publish("t", vec![entry("a")]).remove(0);
-    h.deliver("t", 1, 0);
-    h.sleep(100);
-    h.deliver("t", 1, 0);
+    let (mut h, id) = redelivered();
     for op in [
         ack("t", &id, 1),
         nack("t", &id, 1, 0),
@@ -608,11 +593,7 @@ fn a_stale_receipt_is_refused_after_redelivery() {
 
 #[test]
 fn receipt_attempt_zero_acts_on_the_latest_delivery() {
-    let mut h = with_topic();
-    let id = h.publish("t", vec![entry("a")]).remove(0);
-    h.deliver("t", 1, 0);
-    h.sleep(100);
-    h.deliver("t", 1, 0);
+    let (mut h, id) = redelivered();
     h.ok(ack("t", &id, 0));
     assert!(h.state.message("t", &id).is_none());
 }
@@ -849,11 +830,10 @@ fn retention_age_deletes_a_message_whatever_its_state() {
         "t",
         Some(settings(10_000, 0, "", 0, 0, 1_000, 0, 0)),
     ));
-    let delayed = ipb::QueuePublishEntry {
-        delay_ms: 5_000,
-        ..entry("delayed")
-    };
-    h.publish("t", vec![entry("flying"), entry("visible"), delayed]);
+    h.publish(
+        "t",
+        vec![entry("flying"), entry("visible"), delayed("delayed", 5_000)],
+    );
     h.deliver("t", 1, 0);
     h.sleep(999);
     h.ok(requeue("t"));
@@ -868,11 +848,7 @@ fn retention_age_deletes_a_message_whatever_its_state() {
 #[test]
 fn purge_deletes_every_message_and_keeps_the_topic() {
     let mut h = with_topic();
-    let delayed = ipb::QueuePublishEntry {
-        delay_ms: 50,
-        ..entry("d")
-    };
-    let ids = h.publish("t", vec![entry("a"), entry("b"), delayed]);
+    let ids = h.publish("t", vec![entry("a"), entry("b"), delayed("d", 50)]);
     h.deliver("t", 1, 0);
     let R::Purge(r) = h.ok(purge("t")) else {
         panic!()
@@ -955,11 +931,7 @@ fn advancing_in_steps_equals_advancing_at_once() {
 #[test]
 fn stats_count_messages_by_state_with_cumulative_totals() {
     let mut h = with_topic();
-    let delayed = ipb::QueuePublishEntry {
-        delay_ms: 50,
-        ..entry("d")
-    };
-    let ids = h.publish("t", vec![entry("a"), entry("bb"), delayed]);
+    let ids = h.publish("t", vec![entry("a"), entry("bb"), delayed("d", 50)]);
     h.deliver("t", 1, 0);
     h.sleep(10);
     h.ok(ack("t", &ids[0], 1));
