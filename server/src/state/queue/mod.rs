@@ -9,7 +9,8 @@
 //! - [`dedup_window`]: the dedup_ids a topic remembers;
 //! - `admin`, `publish`, `delivery`, `dead_letter`: the commands, one concept per file;
 //! - `snapshot`: [`QueueState::snapshot`] and [`QueueState::restore`];
-//! - `tests` (rule by rule) and `testkit` (command builders for the tests).
+//! - `tests` (rule by rule), `model` (the model-based property test) and `testkit` (their
+//!   command builders).
 //!
 //! # Determinism
 //! Nothing here reads a clock, does I/O or draws random numbers. Time is the leader-stamped
@@ -47,6 +48,8 @@ mod delivery;
 mod publish;
 mod snapshot;
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
