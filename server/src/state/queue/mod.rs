@@ -100,6 +100,10 @@ impl Advanced {
 pub struct QueueState {
     /// The latest leader time applied: "now" for every command and read.
     clock_ms: u64,
+    /// Log index of the last applied command. Message ids are derived from log indexes, so a
+    /// command at or below it (a replay: a bug in the caller) is refused rather than allowed to
+    /// reuse ids.
+    last_index: u64,
     /// The id the next created topic gets.
     next_topic_id: u64,
     /// Topics by name.
@@ -114,6 +118,8 @@ pub struct QueueState {
 impl QueueState {
     /// Applies one committed queue command, written at log `index` with leader time `now_ms`,
     /// after the time-driven transitions up to `now_ms`. Every replica returns the same result.
+    /// Indexes must increase from one call to the next; a repeated or older index is refused
+    /// with FAILED_PRECONDITION and changes nothing.
     pub fn apply(&mut self, index: u64, now_ms: u64, cmd: &ipb::QueueCommand) -> ipb::QueueResult {
         self.apply_reporting(index, now_ms, cmd).0
     }
@@ -126,6 +132,16 @@ impl QueueState {
         cmd: &ipb::QueueCommand,
     ) -> (ipb::QueueResult, Advanced) {
         use ipb::queue_result::Result as R;
+        if index <= self.last_index {
+            let e = QueueError::precondition(format!(
+                "log index {index} is not after the last applied queue command ({}); each entry \
+                 must be applied once, in log order",
+                self.last_index
+            ));
+            let result = Some(R::Error(e.to_proto()));
+            return (ipb::QueueResult { result }, Advanced::default());
+        }
+        self.last_index = index;
         let mut report = self.advance(now_ms);
         let result = match self.execute(index, cmd, &report) {
             Ok(r) => r,
@@ -262,7 +278,8 @@ impl QueueState {
             0 => DEFAULT_LIST_PAGE_SIZE,
             n => n.min(MAX_LIST_PAGE_SIZE),
         };
-        let start = if page_token.is_empty() {
+        // A token before the prefix (from a listing with another prefix) starts at the prefix.
+        let start = if page_token.is_empty() || page_token < prefix {
             Bound::Included(prefix)
         } else {
             validate_topic_name("page_token", page_token).map_err(|_| {

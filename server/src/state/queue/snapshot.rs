@@ -77,6 +77,7 @@ impl QueueState {
             clock_unix_ms: self.clock_ms,
             next_topic_id: self.next_topic_id,
             topics,
+            last_index: self.last_index,
         }
     }
 
@@ -85,6 +86,7 @@ impl QueueState {
         let mut state = QueueState {
             clock_ms: snapshot.clock_unix_ms,
             next_topic_id: snapshot.next_topic_id,
+            last_index: snapshot.last_index,
             ..Default::default()
         };
         let mut ids = BTreeSet::new();

@@ -159,10 +159,38 @@ fn list_topics_pages_through_a_prefix_in_name_order() {
     let (page, token) = h.state.list_topics("b", 2, &token).unwrap();
     let names: Vec<_> = page.iter().map(|t| t.name.as_str()).collect();
     assert_eq!((names, token.as_str()), (vec!["b3"], ""));
+    let (page, _) = h.state.list_topics("b", 2, "a").unwrap();
+    assert_eq!(
+        page[0].name, "b1",
+        "a token before the prefix starts at the prefix"
+    );
     assert_eq!(h.state.list_topics("", 0, "").unwrap().0.len(), 5);
     assert_eq!(
         h.state.list_topics("", 0, "not a token").unwrap_err().code,
         Code::InvalidArgument
+    );
+}
+
+#[test]
+fn a_log_index_applied_twice_is_refused_so_ids_are_never_reused() {
+    let mut h = with_topic();
+    let first = h.publish("t", vec![entry("a")]);
+    let replay = ipb::QueueCommand {
+        op: Some(publish("t", vec![entry("b")])),
+    };
+    let r = outcome(h.state.apply(h.index, h.now, &replay));
+    assert_eq!(r.unwrap_err().code, Code::FailedPrecondition);
+    assert_eq!(h.stats("t").visible, 1);
+    let mut restored = QueueState::restore(h.state.snapshot()).unwrap();
+    let r = outcome(restored.apply(h.index, h.now, &replay));
+    assert_eq!(
+        r.unwrap_err().code,
+        Code::FailedPrecondition,
+        "also after a restore"
+    );
+    assert!(
+        h.publish("t", vec![entry("c")])[0] > first[0],
+        "the next entry goes on"
     );
 }
 
