@@ -22,6 +22,7 @@
 pub mod dedup;
 pub mod kv;
 pub mod locks;
+pub mod queue;
 
 use bytes::Bytes;
 use prost::Message as _;
