@@ -4,7 +4,7 @@
 //! This file only translates: requests become [`ipb::LockCommand`]s proposed through Raft (or
 //! reads of the applied table), and [`ipb::LockResult`]s become responses or statuses. The one
 //! piece of logic is waiting: an Acquire that queues is answered when this node applies the
-//! end of its wait (a [`Notice::WaitEnded`]); if the caller goes away first, a CancelWait is
+//! end of its wait (a [`LockNotice::WaitEnded`]); if the caller goes away first, a CancelWait is
 //! proposed so the request leaves the queue.
 
 use std::pin::Pin;
@@ -23,7 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::kv::{propose_within, request_id};
 use super::{DEFAULT_DEADLINE, Forwarder, Route, deadline_of, forward_request, route, status_of};
 use crate::node::NodeHandle;
-use crate::state::locks::{self, Mode, Notice};
+use crate::state::Notice;
+use crate::state::locks::{self, Mode, Notice as LockNotice};
 
 use ipb::LockErrorCode as Code;
 use ipb::lock_command::Op;
@@ -169,7 +170,7 @@ impl LockService {
         loop {
             tokio::select! {
                 n = notices.recv() => match n {
-                    Ok(Notice::WaitEnded { waiter_id: w, result, .. }) if w == waiter_id => {
+                    Ok(Notice::Lock(LockNotice::WaitEnded { waiter_id: w, result, .. })) if w == waiter_id => {
                         guard.armed = false;
                         return acquire_answer(result);
                     }
@@ -219,11 +220,11 @@ impl LockService {
         // did not miss it, is already queued.
         loop {
             match notices.try_recv() {
-                Ok(Notice::WaitEnded {
+                Ok(Notice::Lock(LockNotice::WaitEnded {
                     waiter_id: w,
                     result,
                     ..
-                }) if w == waiter_id => return Ok(Some(acquire_answer(result))),
+                })) if w == waiter_id => return Ok(Some(acquire_answer(result))),
                 Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
                 Err(_) => break,
             }
@@ -593,7 +594,7 @@ impl api::lock_server::Lock for LockService {
         let stream = async_stream::try_stream! {
             loop {
                 match notices.recv().await {
-                    Ok(Notice::Event(e)) if e.name.starts_with(&prefix) => yield e,
+                    Ok(Notice::Lock(LockNotice::Event(e))) if e.name.starts_with(&prefix) => yield e,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         Err(Status::aborted(format!(

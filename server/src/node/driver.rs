@@ -28,7 +28,7 @@ use crate::metrics::record::{self, Proposal};
 use crate::raft::{
     ClusterConfigExt, ConfigChange, Message, NodeId, PeerStatus, RaftError, RaftNode, Role,
 };
-use crate::state::locks::Notice;
+use crate::state::Notice;
 use crate::state::{Applied, ReplicatedState, encode_command};
 
 /// A read evaluated against the state once it is safe, or told why it cannot be.
@@ -691,7 +691,7 @@ impl Driver {
             for e in &rd.committed_entries {
                 let applied = self.state.apply(e);
                 for n in self.state.take_notices() {
-                    if let Notice::Event(e) = &n {
+                    if let Notice::Lock(crate::state::locks::Notice::Event(e)) = &n {
                         record::lock_event(e.r#type);
                     }
                     let _ = self.notices.send(n);

@@ -26,7 +26,7 @@ use sync_proto::raft::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::raft::{ConfigChange, NodeId, RaftError, RaftNode, Role};
-use crate::state::locks::Notice;
+use crate::state::Notice;
 use crate::state::{Applied, ReplicatedState};
 use crate::storage::{LogStore, Wal, WalOptions};
 use config::Settings;

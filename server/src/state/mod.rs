@@ -8,6 +8,7 @@
 //!   §6.3).
 //! - [`kv`]: replicated registers (the `Kv` service).
 //! - [`locks`]: sessions and the lock table (the `Lock` service).
+//! - [`queue`]: topics, messages, deliveries and dead letters (the `Queue` service).
 //!
 //! **Time.** The state's clock `now_ms` is the largest leader time applied so far, so it never
 //! goes back even if leaders' clocks disagree. Time-driven changes (session expiry, wait
@@ -31,7 +32,18 @@ use sync_proto::raft::v1 as pb;
 
 use dedup::{ClientTable, Dedup};
 use kv::KvState;
-use locks::{At, LockTable, Notice};
+use locks::{At, LockTable};
+use queue::QueueState;
+
+/// Something applying an entry did that the node reports beside the command's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Notice {
+    /// From the lock table (events, ended waits).
+    Lock(locks::Notice),
+    /// A topic may have deliverable messages now (published, given back, visible again): its
+    /// long polls and subscriptions should look.
+    QueueReady(String),
+}
 
 /// Clients remembered by the de-duplication table.
 const MAX_DEDUP_CLIENTS: usize = 100_000;
@@ -44,6 +56,9 @@ pub enum StateError {
     /// The snapshot bytes do not decode.
     #[error("snapshot does not decode: {0}")]
     Decode(#[from] prost::DecodeError),
+    /// The queues' part of the snapshot is inconsistent.
+    #[error("snapshot's queues: {0}")]
+    Queue(String),
 }
 
 /// What applying one committed entry produced.
@@ -72,6 +87,8 @@ pub struct ReplicatedState {
     epoch_term: u64,
     /// Sessions and locks.
     locks: LockTable,
+    /// Topics and messages.
+    queues: QueueState,
     /// What applying produced for the node to report (lock events, ended waits).
     notices: Vec<Notice>,
 }
@@ -85,6 +102,7 @@ impl Default for ReplicatedState {
             now_ms: 0,
             epoch_term: 0,
             locks: LockTable::default(),
+            queues: QueueState::default(),
             notices: Vec::new(),
         }
     }
@@ -116,9 +134,17 @@ impl ReplicatedState {
         self.epoch_term
     }
 
+    /// The queues.
+    pub fn queues(&self) -> &QueueState {
+        &self.queues
+    }
+
     /// The earliest leader time at which a [`ipb::Tick`] would change something.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.locks.next_deadline()
+        [self.locks.next_deadline(), self.queues.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Drains what applying produced (lock events and ended waits), for the node to publish.
@@ -162,6 +188,11 @@ impl ReplicatedState {
     /// docs for why only under the current epoch).
     fn advance_time(&mut self, entry: &pb::Entry, command: &ipb::Command) {
         self.now_ms = self.now_ms.max(command.leader_time_unix_ms);
+        // Queue timers (visibility, delays, retention) may fire early if a new leader's clock
+        // runs ahead: that redelivers early (a duplicate), never loses, so they need no epoch.
+        let woken = self.queues.advance(self.now_ms).woken;
+        self.notices
+            .extend(woken.into_iter().map(Notice::QueueReady));
         if let Some(ipb::command::Op::LeaderEpoch(_)) = command.op {
             self.epoch_term = entry.term;
             self.locks.extend_all_sessions(self.now_ms);
@@ -177,7 +208,7 @@ impl ReplicatedState {
     /// answer, so a retry of that Acquire learns the outcome.
     fn collect_notices(&mut self) {
         for notice in self.locks.take_notices() {
-            if let Notice::WaitEnded {
+            if let locks::Notice::WaitEnded {
                 request: Some(r),
                 result,
                 ..
@@ -189,7 +220,7 @@ impl ReplicatedState {
                 self.dedup
                     .replace(r.client_id, r.sequence, Bytes::from(answer.encode_to_vec()));
             }
-            self.notices.push(notice);
+            self.notices.push(Notice::Lock(notice));
         }
     }
 
@@ -227,6 +258,15 @@ impl ReplicatedState {
                     sequence: r.sequence,
                 });
                 Some(R::Lock(self.locks.apply(&cmd, request, at)))
+            }
+            Some(Op::Queue(cmd)) => {
+                let (result, advanced) = self.queues.apply_reporting(index, self.now_ms, &cmd);
+                let mut ready = advanced.woken;
+                if let Some(topic) = queue_command_topic(&cmd) {
+                    ready.insert(topic.to_string());
+                }
+                self.notices.extend(ready.into_iter().map(Notice::QueueReady));
+                Some(R::Queue(result))
             }
             None => Some(R::Rejected("command has no operation".into())),
         };
@@ -268,6 +308,7 @@ impl ReplicatedState {
             now_unix_ms: self.now_ms,
             epoch_term: self.epoch_term,
             locks: Some(self.locks.snapshot()),
+            queues: Some(self.queues.snapshot()),
         }
         .encode_to_vec()
     }
@@ -280,6 +321,8 @@ impl ReplicatedState {
             now_ms: snap.now_unix_ms,
             epoch_term: snap.epoch_term,
             locks: LockTable::restore(snap.locks.unwrap_or_default()),
+            queues: QueueState::restore(snap.queues.unwrap_or_default())
+                .map_err(|e| StateError::Queue(e.to_string()))?,
             ..Default::default()
         };
         for r in snap.kv {
@@ -300,6 +343,23 @@ impl ReplicatedState {
         );
         Ok(state)
     }
+}
+
+/// The topic a queue command concerns (where consumers may find new work after it).
+fn queue_command_topic(cmd: &ipb::QueueCommand) -> Option<&str> {
+    use ipb::queue_command::Op;
+    Some(match cmd.op.as_ref()? {
+        Op::Publish(p) => &p.topic,
+        Op::Nack(n) => &n.topic,
+        Op::RequeueExpired(r) => &r.topic,
+        Op::Redrive(r) => {
+            if r.destination_topic.is_empty() {
+                return None;
+            }
+            &r.destination_topic
+        }
+        _ => return None,
+    })
 }
 
 /// Encodes a command for a log entry.
