@@ -1,8 +1,70 @@
 //! # sync-client
 //!
-//! The Rust SDK of syncd. For now it re-exports the generated gRPC clients of the public
-//! services ([`api`]); the typed, leader-aware SDK (sessions and lock guards, queue streams,
-//! a near cache) is built on them as each primitive lands.
+//! The Rust SDK of syncd: a leader-aware client for the cluster's replicated locks (queues and
+//! the cache follow as they land).
+//!
+//! ```no_run
+//! # async fn demo() -> sync_client::Result<()> {
+//! use std::time::Duration;
+//! use sync_client::Client;
+//!
+//! let client = Client::connect(["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]).await?;
+//! let session = client.session(Duration::from_secs(10)).await?;
+//! let guard = session.lock("reports/daily").exclusive().acquire().await?;
+//! println!("holding {} with fencing token {}", guard.name(), guard.token());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## What the client does for you
+//!
+//! - **Routing.** [`Client::connect`] asks the given endpoints for `Cluster.Status` and learns
+//!   the members and the leader. Calls that must run on the leader go to it; a node that answers
+//!   "not the leader" names the leader in its trailers and the call follows; when the leader
+//!   stops answering, the client asks the members again.
+//! - **Retries.** Unreachable nodes, elections and timeouts of calls that are safe to repeat
+//!   are retried with exponential backoff inside one deadline per call ([`RetryPolicy`],
+//!   [`ClientBuilder::deadline`]).
+//! - **Exactly-once mutations.** Every mutating call carries a `RequestHeader` (a random
+//!   `client_id` per [`Client`], a sequence number per call, repeated on each retry), so a call
+//!   retried after a lost answer or a leader change is applied once.
+//! - **Sessions.** [`Client::session`] keeps its lease alive in the background over a
+//!   `KeepAlive` stream and tells you when it is lost ([`Session::lost`]).
+//! - **Typed errors.** [`Error`] names what happened (a deadlock, a lock not held, a session
+//!   expired, an unreachable cluster) in a message a person can act on.
+//!
+//! ## Layout
+//!
+//! - `client.rs`: [`Client`], [`ClientBuilder`], [`RetryPolicy`]; the retry loop every call
+//!   goes through;
+//! - [`routing`]: the view of members and leader, discovery, one channel per member; and, public,
+//!   [`routing::leader_in`] and [`routing::leader_hint`] for tools using the generated clients;
+//! - `header.rs`: `RequestHeader` numbering (sequence, lowest unacknowledged);
+//! - `session.rs`: [`Session`] and its keep-alive task;
+//! - `guard.rs`: [`LockRequest`] and [`LockGuard`] (acquire, try-acquire, upgrade, downgrade,
+//!   release);
+//! - `locks.rs`: the lock table's types ([`LockState`], [`Holder`], [`SessionInfo`],
+//!   [`LockEvent`]) and its reads (get, list, validate a token, watch);
+//! - `error.rs`: [`Error`].
+//!
+//! The generated gRPC clients and messages remain available as [`api`] for anything the typed
+//! API does not cover yet.
+
+mod client;
+pub mod error;
+mod guard;
+mod header;
+mod locks;
+pub mod routing;
+mod session;
+
+pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use error::{Error, Result};
+pub use guard::{LockGuard, LockRequest};
+pub use locks::{
+    Holder, LockEvent, LockEventKind, LockMode, LockState, SessionInfo, WaitEdge, Waiter,
+};
+pub use session::{Session, SessionBuilder};
 
 /// The generated `sync.v1` clients and messages (Cluster, Lock, Queue, Cache).
 pub use sync_proto::sync::v1 as api;

@@ -1,0 +1,360 @@
+//! Where calls go: the members the client knows, the leader it believes in, and one lazily
+//! connected channel per member.
+//!
+//! The view starts from the endpoints the caller gave and grows with what the cluster reports:
+//! `Router::discover` asks every known member for `Cluster.Status` at once and takes the
+//! members' addresses and the leader from the answers (a node that says it is the leader is
+//! believed over hearsay; among hearsay, the highest term wins). The client also learns the
+//! leader from the `x-sync-leader-addr` trailer of a not-leader answer (`Router::set_leader`),
+//! and forgets it when it stops answering (`Router::forget_leader`), which makes the next call
+//! discover again.
+//!
+//! Two pieces are public, for tools that talk to the cluster with the generated clients
+//! ([`crate::api`]): [`leader_in`], which leader a set of `Cluster.Status` answers names, and
+//! [`leader_hint`], the leader a not-leader answer names in its trailers.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::future::join_all;
+use sync_proto::sync::v1::cluster_client::ClusterClient;
+use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result, transport_reason};
+
+/// The client's view of the cluster, and its connections.
+#[derive(Debug)]
+pub(crate) struct Router {
+    /// Deadline for opening a connection to a member.
+    connect_timeout: Duration,
+    view: Mutex<View>,
+    /// One channel per member address. A channel reconnects by itself after a failure, so it is
+    /// kept for the life of the client.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+#[derive(Debug)]
+struct View {
+    /// Every member address known: the given endpoints first, then what members reported.
+    members: Vec<String>,
+    /// The leader's address, if known.
+    leader: Option<String>,
+    /// The term in which `leader` was learned (0 when learned from a trailer).
+    term: u64,
+    /// Where the next round-robin pick starts.
+    next: usize,
+}
+
+/// What one round of discovery found.
+#[derive(Debug, Default)]
+pub(crate) struct Discovery {
+    /// How many members answered.
+    pub(crate) answered: usize,
+    /// The members that did not answer, with the reason in words.
+    pub(crate) failures: Vec<(String, String)>,
+}
+
+impl Router {
+    /// A view of `endpoints` (`host:port` or `http://host:port`).
+    pub(crate) fn new(endpoints: &[String], connect_timeout: Duration) -> Result<Router> {
+        let mut members = Vec::new();
+        for e in endpoints {
+            let address = normalize(e)?;
+            if !members.contains(&address) {
+                members.push(address);
+            }
+        }
+        if members.is_empty() {
+            return Err(Error::InvalidEndpoint {
+                endpoint: String::new(),
+                reason: "no endpoints given; pass at least one host:port".to_owned(),
+            });
+        }
+        Ok(Router {
+            connect_timeout,
+            view: Mutex::new(View {
+                members,
+                leader: None,
+                term: 0,
+                next: 0,
+            }),
+            channels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The channel to `address`, connected on first use.
+    pub(crate) fn channel(&self, address: &str) -> Result<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::InvalidEndpoint {
+                endpoint: address.to_owned(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// The leader's address, if known.
+    pub(crate) fn leader(&self) -> Option<String> {
+        self.view().leader.clone()
+    }
+
+    /// Every known member address.
+    pub(crate) fn members(&self) -> Vec<String> {
+        self.view().members.clone()
+    }
+
+    /// The next member in round-robin order, skipping `avoid` when there is another.
+    pub(crate) fn next_member(&self, avoid: Option<&str>) -> String {
+        let mut view = self.view();
+        let n = view.members.len();
+        for _ in 0..n {
+            let pick = view.members[view.next % n].clone();
+            view.next = (view.next + 1) % n;
+            if Some(pick.as_str()) != avoid || n == 1 {
+                return pick;
+            }
+        }
+        view.members[0].clone()
+    }
+
+    /// Believes a node that named `address` as the leader (a trailer).
+    pub(crate) fn set_leader(&self, address: &str) {
+        let mut view = self.view();
+        if !view.members.iter().any(|m| m == address) {
+            view.members.push(address.to_owned());
+        }
+        view.leader = Some(address.to_owned());
+    }
+
+    /// Stops believing that `address` leads (it failed or said it does not).
+    pub(crate) fn forget_leader(&self, address: &str) {
+        let mut view = self.view();
+        if view.leader.as_deref() == Some(address) {
+            view.leader = None;
+        }
+    }
+
+    /// Asks every known member for its status at once, each within `timeout`, and updates the
+    /// members and the leader from the answers.
+    pub(crate) async fn discover(&self, timeout: Duration) -> Discovery {
+        let members = self.members();
+        let answers = join_all(members.iter().map(|address| async move {
+            let status = self.status_of(address, timeout).await;
+            (address.clone(), status)
+        }))
+        .await;
+        let mut found = Discovery::default();
+        let mut statuses = Vec::new();
+        for (address, answer) in answers {
+            match answer {
+                Ok(status) => {
+                    found.answered += 1;
+                    statuses.push(status);
+                }
+                Err(reason) => found.failures.push((address, reason)),
+            }
+        }
+        let mut view = self.view();
+        for s in &statuses {
+            for m in &s.members {
+                if !m.address.is_empty() && !view.members.contains(&m.address) {
+                    view.members.push(m.address.clone());
+                }
+            }
+        }
+        if let Some(leader) = leader_in(&statuses)
+            && (leader.term >= view.term || view.leader.is_none())
+        {
+            view.leader = Some(leader.address);
+            view.term = leader.term;
+        }
+        found
+    }
+
+    async fn status_of(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<ClusterStatusResponse, String> {
+        let channel = self.channel(address).map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(ClusterStatusRequest {});
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, ClusterClient::new(channel).status(request)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(transport_reason(&status).unwrap_or_else(|| {
+                Error::from_status(&status, crate::error::CallKind::Other).to_string()
+            })),
+            Err(_) => Err(format!("timed out after {timeout:?}")),
+        }
+    }
+}
+
+/// The trailer in which a node that cannot serve a call names the leader's gRPC address
+/// (common.proto).
+pub const LEADER_ADDR: &str = "x-sync-leader-addr";
+/// The trailer in which a node that cannot serve a call names the leader's id (common.proto).
+pub const LEADER_ID: &str = "x-sync-leader-id";
+
+/// A leader, as named by `Cluster.Status` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leader {
+    /// Its node id.
+    pub id: u64,
+    /// Its gRPC address, `host:port`, as the members know it.
+    pub address: String,
+    /// The term it leads.
+    pub term: u64,
+}
+
+/// The leader named in a round of `Cluster.Status` answers from different members, if any: a
+/// node that says it is the leader is believed first (the one of the highest term); otherwise
+/// the leader named in the highest term.
+///
+/// ```
+/// use sync_client::api::{ClusterStatusResponse, Role};
+/// use sync_client::routing::leader_in;
+///
+/// let follower = ClusterStatusResponse {
+///     node_id: 1, role: Role::Follower as i32, term: 3,
+///     leader_id: 2, leader_address: "10.0.0.2:7001".into(),
+///     ..Default::default()
+/// };
+/// let leader = leader_in(&[follower]).unwrap();
+/// assert_eq!((leader.id, leader.address.as_str(), leader.term), (2, "10.0.0.2:7001", 3));
+/// ```
+pub fn leader_in(statuses: &[ClusterStatusResponse]) -> Option<Leader> {
+    if let Some(own) = statuses
+        .iter()
+        .filter(|s| s.role == Role::Leader as i32 && !s.address.is_empty())
+        .max_by_key(|s| s.term)
+    {
+        return Some(Leader {
+            id: own.node_id,
+            address: own.address.clone(),
+            term: own.term,
+        });
+    }
+    statuses
+        .iter()
+        .filter(|s| s.leader_id != 0 && !s.leader_address.is_empty())
+        .max_by_key(|s| s.term)
+        .map(|s| Leader {
+            id: s.leader_id,
+            address: s.leader_address.clone(),
+            term: s.term,
+        })
+}
+
+/// The leader address a node named in the `x-sync-leader-addr` trailer of an answer, if any.
+///
+/// ```
+/// let mut status = tonic::Status::unavailable("not the leader");
+/// assert_eq!(sync_client::routing::leader_hint(&status), None);
+/// status.metadata_mut().insert("x-sync-leader-addr", "10.0.0.2:7001".parse().unwrap());
+/// assert_eq!(sync_client::routing::leader_hint(&status).as_deref(), Some("10.0.0.2:7001"));
+/// ```
+pub fn leader_hint(status: &Status) -> Option<String> {
+    status
+        .metadata()
+        .get(LEADER_ADDR)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+}
+
+/// `host:port` from `host:port` or `http://host:port[/]`.
+pub(crate) fn normalize(endpoint: &str) -> Result<String> {
+    let trimmed = endpoint.trim();
+    let bad = |reason: &str| Error::InvalidEndpoint {
+        endpoint: trimmed.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if trimmed.starts_with("https://") {
+        return Err(bad("TLS is not supported yet; use http:// or host:port"));
+    }
+    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| bad("not host:port (e.g. 127.0.0.1:7001)"))?;
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad("not host:port (e.g. 127.0.0.1:7001)"));
+    }
+    Ok(authority.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, role: Role, term: u64, leader: u64) -> ClusterStatusResponse {
+        ClusterStatusResponse {
+            node_id: id,
+            address: format!("n{id}:1"),
+            role: role as i32,
+            term,
+            leader_id: leader,
+            leader_address: if leader == 0 {
+                String::new()
+            } else {
+                format!("n{leader}:1")
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_leader_speaking_for_itself_wins_over_hearsay() {
+        let statuses = [node(1, Role::Follower, 5, 2), node(3, Role::Leader, 4, 3)];
+        let leader = leader_in(&statuses).unwrap();
+        assert_eq!(
+            (leader.id, leader.address.as_str(), leader.term),
+            (3, "n3:1", 4)
+        );
+    }
+
+    #[test]
+    fn hearsay_of_the_newest_term_wins() {
+        let statuses = [node(1, Role::Follower, 3, 2), node(3, Role::Follower, 5, 1)];
+        let leader = leader_in(&statuses).unwrap();
+        assert_eq!((leader.id, leader.term), (1, 5));
+        assert_eq!(leader_in(&[node(1, Role::Candidate, 6, 0)]), None);
+    }
+
+    #[test]
+    fn endpoints_are_normalized_and_checked() {
+        assert_eq!(normalize("http://10.0.0.1:7001/").unwrap(), "10.0.0.1:7001");
+        assert_eq!(normalize(" h:1 ").unwrap(), "h:1");
+        for bad in ["localhost", ":7001", "h:", "h:0", "h:99999", "https://h:1"] {
+            assert!(normalize(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_the_member_that_just_failed() {
+        let r = Router::new(&["a:1".into(), "b:1".into()], Duration::from_secs(1)).unwrap();
+        assert_eq!(r.next_member(Some("a:1")), "b:1");
+        assert_eq!(r.next_member(Some("b:1")), "a:1");
+        r.set_leader("c:1");
+        assert_eq!(r.members(), ["a:1", "b:1", "c:1"]);
+        r.forget_leader("b:1");
+        assert_eq!(r.leader().as_deref(), Some("c:1"));
+        r.forget_leader("c:1");
+        assert_eq!(r.leader(), None);
+    }
+}
