@@ -13,8 +13,7 @@ use tonic::transport::Channel;
 use crate::args::Endpoint;
 use crate::errors::{START_HINT, describe_status, describe_transport, timed_out};
 
-/// The response trailer naming the leader's gRPC address (see `common.proto`).
-pub const LEADER_ADDR_KEY: &str = "x-sync-leader-addr";
+pub use sync_client::routing::{Leader, leader_hint};
 
 /// How often leader discovery asks again while an election is under way.
 const LEADER_POLL: Duration = Duration::from_millis(200);
@@ -94,38 +93,14 @@ pub fn unreachable_error(reports: &[MemberReport]) -> anyhow::Error {
     anyhow::anyhow!("no member reachable at {detail}; {START_HINT}")
 }
 
-/// The leader as a member reported it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Leader {
-    pub id: u64,
-    /// Its gRPC address, `host:port`.
-    pub address: String,
-    pub term: u64,
-}
-
-/// The leader named in a round of reports, if any member knows one. A member that is itself
-/// the leader is believed first; otherwise the member with the highest term that names one.
+/// The leader named in a round of reports, if any member knows one (see
+/// [`sync_client::routing::leader_in`]).
 pub fn leader_in(reports: &[MemberReport]) -> Option<Leader> {
-    let answers = reports.iter().filter_map(|r| r.status.as_ref().ok());
-    if let Some(own) = answers
-        .clone()
-        .filter(|s| s.role == Role::Leader as i32)
-        .max_by_key(|s| s.term)
-    {
-        return Some(Leader {
-            id: own.node_id,
-            address: own.address.clone(),
-            term: own.term,
-        });
-    }
-    answers
-        .filter(|s| s.leader_id != 0 && !s.leader_address.is_empty())
-        .max_by_key(|s| s.term)
-        .map(|s| Leader {
-            id: s.leader_id,
-            address: s.leader_address.clone(),
-            term: s.term,
-        })
+    let answers: Vec<ClusterStatusResponse> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok().cloned())
+        .collect();
+    sync_client::routing::leader_in(&answers)
 }
 
 /// Asks the endpoints until one names a leader, for at most `patience`. Fails at once if no
@@ -167,17 +142,6 @@ pub fn role_name(role: i32) -> &'static str {
         Ok(Role::PreCandidate) => "pre-candidate",
         Err(_) => "unknown",
     }
-}
-
-/// The leader address a node named in an error's trailers, if any.
-pub fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get(LEADER_ADDR_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|addr| !addr.is_empty())
-        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -238,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_speaking_for_itself_wins_over_hearsay() {
+    fn the_leader_is_found_among_the_members_that_answered() {
         let reports = [
             report("127.0.0.1:7001", Ok(node(1, Role::Follower, 3, 2))),
             report("127.0.0.1:7003", Ok(node(3, Role::Leader, 4, 3))),
@@ -249,26 +213,5 @@ mod tests {
             (leader.id, leader.address.as_str(), leader.term),
             (3, "127.0.0.1:7003", 4)
         );
-    }
-
-    #[test]
-    fn followers_name_the_leader_of_the_newest_term() {
-        let reports = [
-            report("127.0.0.1:7001", Ok(node(1, Role::Follower, 3, 2))),
-            report("127.0.0.1:7003", Ok(node(3, Role::Follower, 5, 1))),
-        ];
-        assert_eq!(leader_in(&reports).unwrap().id, 1);
-        let no_leader = [report("127.0.0.1:7001", Ok(node(1, Role::Candidate, 6, 0)))];
-        assert_eq!(leader_in(&no_leader), None);
-    }
-
-    #[test]
-    fn the_leader_hint_comes_from_the_trailers() {
-        let mut status = tonic::Status::unavailable("leader unreachable");
-        assert_eq!(leader_hint(&status), None);
-        status
-            .metadata_mut()
-            .insert(LEADER_ADDR_KEY, "127.0.0.1:7002".parse().unwrap());
-        assert_eq!(leader_hint(&status).as_deref(), Some("127.0.0.1:7002"));
     }
 }

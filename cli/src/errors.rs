@@ -6,17 +6,12 @@
 //! "unavailable: no leader".
 
 use std::error::Error as StdError;
-use std::io;
 use std::time::Duration;
 
+use sync_client::error::io_reason;
 use tonic::{Code, Status};
 
-/// The hint printed when no member of the cluster answers.
-pub const START_HINT: &str = "is the cluster running? try `syncctl dev up`";
-
-/// What an endpoint that answers HTTP but not gRPC is, and the usual reason.
-const NOT_GRPC: &str = "not a gRPC server (wrong port? syncd serves gRPC on --listen, \
-                        metrics on --metrics-listen)";
+pub use sync_client::error::{NOT_GRPC, START_HINT};
 
 /// Renders an error and its causes on one line: "context: cause: root cause".
 pub fn one_line(err: &anyhow::Error) -> String {
@@ -27,7 +22,7 @@ pub fn one_line(err: &anyhow::Error) -> String {
 /// Why a gRPC call failed: the root transport cause if the call never reached a server,
 /// otherwise the status code and the server's message.
 pub fn describe_status(status: &Status) -> String {
-    if let Some(cause) = StdError::source(status).and_then(io_cause) {
+    if let Some(cause) = StdError::source(status).and_then(io_reason) {
         return cause;
     }
     let message = status.message();
@@ -50,7 +45,7 @@ pub fn describe_status(status: &Status) -> String {
 
 /// Why connecting failed, from a transport error's chain of causes.
 pub fn describe_transport(err: &(dyn StdError + 'static)) -> String {
-    io_cause(err).unwrap_or_else(|| {
+    io_reason(err).unwrap_or_else(|| {
         // No I/O error inside: show the innermost message, which is the most specific one.
         let mut innermost = err;
         while let Some(next) = innermost.source() {
@@ -63,40 +58,6 @@ pub fn describe_transport(err: &(dyn StdError + 'static)) -> String {
 /// "timed out after 5s".
 pub fn timed_out(after: Duration) -> String {
     format!("timed out after {}", humantime::format_duration(after))
-}
-
-/// The first `io::Error` in a chain of causes, in words.
-fn io_cause(err: &(dyn StdError + 'static)) -> Option<String> {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(describe_io(io));
-        }
-        current = e.source();
-    }
-    None
-}
-
-fn describe_io(err: &io::Error) -> String {
-    match err.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-        io::ErrorKind::ConnectionReset => "connection reset".to_owned(),
-        io::ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
-        io::ErrorKind::TimedOut => "timed out".to_owned(),
-        // What an HTTP/1.1-only server (a metrics port) does to an HTTP/2 connection.
-        io::ErrorKind::BrokenPipe => format!("the server closed the connection; {NOT_GRPC}"),
-        io::ErrorKind::AddrNotAvailable => "address not available".to_owned(),
-        io::ErrorKind::HostUnreachable => "host unreachable".to_owned(),
-        io::ErrorKind::NetworkUnreachable => "network unreachable".to_owned(),
-        _ => {
-            // "failed to lookup address information: Name or service not known (os error -2)"
-            let text = err.to_string();
-            match text.find(" (os error") {
-                Some(at) => text[..at].to_owned(),
-                None => text,
-            }
-        }
-    }
 }
 
 /// The gRPC status code as the lower-case words of its name.
@@ -126,6 +87,7 @@ pub fn code_name(code: Code) -> &'static str {
 mod tests {
     use super::*;
     use anyhow::Context;
+    use std::io;
 
     #[test]
     fn chains_are_joined_on_one_line() {
