@@ -441,3 +441,109 @@ async fn fifty_clients_on_five_locks_never_overlap_while_the_leader_is_killed_tw
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_see_lock_events_and_tokens_validate_only_while_held() {
+    scenario(3, Options::default(), Duration::from_secs(60), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let follower = c
+            .ids()
+            .into_iter()
+            .find(|id| *id != leader.id)
+            .context("no follower")?;
+        let mut watch = c
+            .client(follower)
+            .lock()
+            .watch(api::LockWatchRequest {
+                prefix: "jobs/".into(),
+            })
+            .await?
+            .into_inner();
+        let a = user(c, "a", TTL).await?;
+        let g = a
+            .acquire("jobs/nightly", LockMode::Exclusive, Duration::ZERO, WITHIN)
+            .await?;
+        // Outside the prefix: not delivered.
+        ensure!(
+            a.acquire("other", LockMode::Exclusive, Duration::ZERO, WITHIN)
+                .await?
+                .granted
+        );
+        let validate = async |consistency: Consistency| -> anyhow::Result<bool> {
+            let mut req = Request::new(api::ValidateTokenRequest {
+                name: "jobs/nightly".into(),
+                token: g.token,
+                consistency: consistency as i32,
+            });
+            req.set_timeout(Duration::from_secs(5));
+            Ok(c.client(follower)
+                .lock()
+                .validate_token(req)
+                .await?
+                .into_inner()
+                .valid)
+        };
+        ensure!(
+            validate(Consistency::Linearizable).await?,
+            "the holder's token is not valid"
+        );
+        ensure!(a.release("jobs/nightly", WITHIN).await?);
+        ensure!(
+            !validate(Consistency::Linearizable).await?,
+            "a released token still validates"
+        );
+
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let e = tokio::time::timeout(Duration::from_secs(5), watch.message())
+                .await
+                .context("no lock event within 5 s")??
+                .context("the watch ended")?;
+            seen.push((e.r#type, e.name.clone(), e.token, e.session_id));
+        }
+        ensure!(
+            seen == vec![
+                (
+                    api::LockEventType::Acquired as i32,
+                    "jobs/nightly".to_string(),
+                    g.token,
+                    a.session
+                ),
+                (
+                    api::LockEventType::Released as i32,
+                    "jobs/nightly".to_string(),
+                    g.token,
+                    a.session
+                ),
+            ],
+            "events: {seen:?}"
+        );
+        // The lists agree from every node.
+        for id in c.ids() {
+            let mut req = Request::new(api::ListLocksRequest {
+                consistency: Consistency::Linearizable as i32,
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let list = c.client(id).lock().list_locks(req).await?.into_inner();
+            let names: Vec<&str> = list.locks.iter().map(|l| l.name.as_str()).collect();
+            ensure!(names == vec!["other"], "node {id} lists {names:?}");
+            let mut req = Request::new(api::ListSessionsRequest {
+                consistency: Consistency::Stale as i32,
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let sessions = c.client(id).lock().list_sessions(req).await?.into_inner();
+            ensure!(
+                sessions
+                    .sessions
+                    .iter()
+                    .any(|s| s.session_id == a.session && s.held_locks == 1),
+                "node {id} sessions: {:?}",
+                sessions.sessions
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
