@@ -5,8 +5,9 @@
 //! never older than a completed write. Like the Raft engine, nothing here touches a socket, a
 //! clock or a thread: time is a `now: u64` argument in milliseconds of the caller's local clock,
 //! and every decision is returned as an effect (a message to carry, a memory operation to run,
-//! a client operation to answer). The same code is meant to run in the node runtime and in a
-//! deterministic simulator.
+//! a client operation to answer). The same code runs in the node runtime and in the
+//! deterministic simulator ([`sim`]), which model-checks it under message loss, reordering,
+//! partitions, paused processes, clock drift, memory failures and directory changes.
 //!
 //! `docs/cache.md` describes the protocol, with its state diagram, message flows and clock
 //! assumption; the comments here say which rule each piece of code upholds.
@@ -23,6 +24,7 @@
 //! - [`node`]: [`CacheNode`], the node side: Get, Set, Delete, CompareAndSet, ticks, messages.
 //! - [`directory`]: [`Directory`], the home side: holders per key, per-key serialization of
 //!   fills and writes, leases, epochs.
+//! - [`sim`]: the deterministic simulator and its invariants, one function each.
 //!
 //! ## The rules, in one place
 //! 1. **Hit rule** (node): a line is served only while the node's lease is valid and the line
@@ -45,6 +47,7 @@ pub mod line;
 pub mod memory;
 pub mod message;
 pub mod node;
+pub mod sim;
 
 use bytes::Bytes;
 
