@@ -49,6 +49,9 @@ pub mod message;
 pub mod node;
 pub mod sim;
 
+#[cfg(test)]
+mod tests;
+
 use bytes::Bytes;
 
 pub use directory::Directory;
