@@ -202,11 +202,11 @@ impl Directory {
     }
 
     /// The recorded holders of `key`, in node order (the State call).
-    pub fn holders(&self, key: &str) -> Vec<(NodeId, Holder)> {
+    pub fn holders(&self, key: &str) -> impl Iterator<Item = (NodeId, Holder)> + Clone + '_ {
         self.keys
             .get(key)
-            .map(|e| e.holders.iter().map(|(&n, &h)| (n, h)).collect())
-            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|e| e.holders.iter().map(|(&n, &h)| (n, h)))
     }
 
     /// `node`'s session if its lease is live at `now`.
@@ -456,11 +456,14 @@ impl Directory {
             }
             OpKind::Write { dropped_upto, .. } => {
                 // The writer dropped its line when it began; a line granted to it since (seen
-                // only with a delayed request) is invalidated like anyone's.
-                if e.holders
-                    .get(&op.from)
-                    .is_some_and(|h| h.grant <= *dropped_upto)
-                {
+                // only with a delayed request) is invalidated like anyone's. Grant numbers mean
+                // something only within this directory: a request stamped with another epoch
+                // (or no live session) gets its writer's record invalidated too.
+                let own_dropped = op.session.is_some()
+                    && e.holders
+                        .get(&op.from)
+                        .is_some_and(|h| h.grant <= *dropped_upto);
+                if own_dropped {
                     e.holders.remove(&op.from);
                     if let Some(keys) = self.held_by.get_mut(&op.from) {
                         keys.remove(key);

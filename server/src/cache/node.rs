@@ -28,7 +28,7 @@ use super::message::{
     Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
     WriteResult,
 };
-use super::{CacheConfig, CacheError, GrantId, LineState, NodeId, OpId, Stored, Version};
+use super::{CacheConfig, CacheError, Epoch, GrantId, LineState, NodeId, OpId, Stored, Version};
 
 /// The answer to a read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,13 +264,20 @@ impl CacheNode {
         Ok(())
     }
 
-    /// Handles a message from the directory.
-    pub fn on_message(&mut self, now: u64, env: Envelope<ToNode>) {
-        if self.lease.observe_epoch(env.stamp.epoch, now) {
-            // A new directory: every line belongs to one that no longer exists.
+    /// A directory of `epoch` exists (a new Raft leader of that term): every line of an older
+    /// epoch is dropped, and a lease is asked of the new directory. Called for every message,
+    /// and by the shell as soon as Raft reports a new leader, so that lines of a deposed
+    /// directory go before its leases would run out anyway.
+    pub fn on_new_epoch(&mut self, now: u64, epoch: Epoch) {
+        if self.lease.observe_epoch(epoch, now) {
             self.drop_all(InvalidationReason::LeaseExpired);
             self.renew(now);
         }
+    }
+
+    /// Handles a message from the directory.
+    pub fn on_message(&mut self, now: u64, env: Envelope<ToNode>) {
+        self.on_new_epoch(now, env.stamp.epoch);
         let current = env.stamp == self.lease.stamp();
         match env.msg {
             ToNode::LeaseGrant {

@@ -645,3 +645,90 @@ fn a_grant_of_a_new_session_drops_every_line_of_the_old_one() {
         "but the node has a lease again"
     );
 }
+
+// ----- regressions ------------------------------------------------------------------------------
+
+/// Found by the simulator (seed 31656 of the 40,000-seed soak): a write sent under epoch 1 and
+/// delivered to the directory of epoch 2 named an epoch-1 grant as the line its writer had
+/// dropped. The directory compared it with its own grant numbers, dropped its record of the
+/// writer's epoch-2 line without invalidating it, and the writer kept serving that line after
+/// memory changed.
+#[test]
+fn a_write_stamped_with_an_older_epoch_still_invalidates_its_writers_line() {
+    use super::Directory;
+    use super::directory::HomeEffect;
+    use super::memory::MemoryReply;
+
+    let cfg = SimConfig::calm(1).cache;
+    let t = cfg.directory_lease_ms() + 1; // past the new-epoch wait
+    let mut d = Directory::new(cfg, 2, 0);
+    let renew = ToHome::LeaseRenew { sent_at: 0 };
+    d.on_message(
+        t,
+        2,
+        Envelope {
+            stamp: Stamp::new(2, 0),
+            msg: renew,
+        },
+    );
+    let session = d.session_of(2, t).expect("a lease");
+    let fill = ToHome::FillRequest {
+        req: ReqId {
+            incarnation: 1,
+            seq: 1,
+        },
+        key: "k".into(),
+    };
+    d.on_message(
+        t,
+        2,
+        Envelope {
+            stamp: Stamp::new(2, session),
+            msg: fill,
+        },
+    );
+    let read = d
+        .take_effects()
+        .into_iter()
+        .find_map(|e| match e {
+            HomeEffect::Memory(r) => Some(r.id),
+            _ => None,
+        })
+        .expect("a memory read");
+    let stored = Stored {
+        version: 3,
+        value: Some(Bytes::from_static(b"v")),
+        ttl_left_ms: None,
+    };
+    d.on_memory(t, read, Ok(MemoryReply::Read(stored)));
+    d.take_effects();
+    assert_eq!(d.holders("k").count(), 1);
+
+    let write = ToHome::WriteRequest {
+        req: ReqId {
+            incarnation: 1,
+            seq: 2,
+        },
+        key: "k".into(),
+        write: set("w"),
+        dropped_upto: 8,
+    };
+    d.on_message(
+        t,
+        2,
+        Envelope {
+            stamp: Stamp::new(1, 5),
+            msg: write,
+        },
+    );
+    let effects = d.take_effects();
+    let invalidated = effects.iter().any(|e| {
+        matches!(e, HomeEffect::ToNode { to: 2, msg: Envelope { msg: ToNode::Demand(dm), .. } }
+            if dm.kind == DemandKind::Invalidate)
+    });
+    assert!(invalidated, "{effects:?}");
+    assert!(
+        !effects.iter().any(|e| matches!(e, HomeEffect::Memory(_))),
+        "memory waits"
+    );
+}

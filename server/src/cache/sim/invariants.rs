@@ -68,9 +68,8 @@ pub fn directory_covers_servable_lines(
     dir: &Directory,
     dir_now: u64,
 ) -> Result<(), String> {
-    let holders = dir.holders(key);
     for s in lines.iter().filter(|s| s.line.stamp.epoch == dir.epoch()) {
-        let record = holders.iter().find(|(n, _)| *n == s.node).map(|(_, h)| *h);
+        let record = dir.holders(key).find(|(n, _)| *n == s.node).map(|(_, h)| h);
         let session = dir.session_of(s.node, dir_now);
         let covered = record.is_some_and(|h| {
             h.grant >= s.line.grant
@@ -89,14 +88,15 @@ pub fn directory_covers_servable_lines(
 }
 
 /// (4) The directory's own records are single-writer / multiple-reader.
-pub fn directory_records_are_swmr(key: &str, holders: &[(NodeId, Holder)]) -> Result<(), String> {
-    let exclusive = holders
-        .iter()
+pub fn directory_records_are_swmr(key: &str, dir: &Directory) -> Result<(), String> {
+    let exclusive = dir
+        .holders(key)
         .filter(|(_, h)| h.state.is_exclusive())
         .count();
-    if exclusive == 0 || holders.len() == 1 {
+    if exclusive == 0 || dir.holders(key).count() == 1 {
         return Ok(());
     }
+    let holders: Vec<(NodeId, Holder)> = dir.holders(key).collect();
     Err(format!(
         "key {key}: the directory records {exclusive} exclusive holder(s) among {holders:?}"
     ))

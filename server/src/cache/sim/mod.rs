@@ -552,7 +552,7 @@ impl World {
                 };
                 let local = home.clock.local(self.now);
                 home.dir.on_memory(local, id, result);
-                self.after_home()?;
+                self.after_home(true)?;
             }
         }
         let now = self.now;
@@ -572,13 +572,16 @@ impl World {
             let local = n.clock.local(self.now);
             if let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
                 core.tick(local);
-                self.after_node(id)?;
+                self.after_node(id, false)?;
             }
         }
         if let Some(home) = self.home.as_mut() {
             home.dir.tick(home.clock.local(self.now));
-            self.after_home()?;
+            self.after_home(false)?;
         }
+        // Time passing alone only ends leases and TTLs, which the ticks above report; one check
+        // per millisecond covers what a quiet tick changes.
+        self.check()?;
         if chaos {
             self.random_traffic()?;
         }
@@ -596,7 +599,7 @@ impl World {
                 };
                 let local = home.clock.local(self.now);
                 home.dir.on_message(local, from, env);
-                self.after_home()
+                self.after_home(true)
             }
             Packet::ToNode { to, env } => {
                 let Some(n) = self.nodes.get_mut(&to) else {
@@ -607,13 +610,14 @@ impl World {
                     return Ok(());
                 };
                 core.on_message(local, env);
-                self.after_node(to)
+                self.after_node(to, true)
             }
         }
     }
 
-    /// Carries out a node's effects, then checks the invariants.
-    fn after_node(&mut self, id: NodeId) -> Check {
+    /// Carries out a node's effects, then checks the invariants (`always`, or if there were
+    /// effects: a tick without effects changed nothing but time).
+    fn after_node(&mut self, id: NodeId, always: bool) -> Check {
         let Some(n) = self.nodes.get_mut(&id) else {
             return Ok(());
         };
@@ -623,6 +627,9 @@ impl World {
             .as_mut()
             .map(|c| c.take_effects())
             .unwrap_or_default();
+        if !always && effects.is_empty() {
+            return Ok(());
+        }
         for e in effects {
             match e {
                 NodeEffect::ToHome(env) => {
@@ -639,12 +646,17 @@ impl World {
         self.check()
     }
 
-    /// Carries out the directory's effects, then checks the invariants.
-    fn after_home(&mut self) -> Check {
+    /// Carries out the directory's effects, then checks the invariants (`always`, or if there
+    /// were effects).
+    fn after_home(&mut self, always: bool) -> Check {
         let Some(home) = self.home.as_mut() else {
             return Ok(());
         };
-        for e in home.dir.take_effects() {
+        let effects = home.dir.take_effects();
+        if !always && effects.is_empty() {
+            return Ok(());
+        }
+        for e in effects {
             match e {
                 HomeEffect::ToNode { to, msg } => {
                     let p = Packet::ToNode { to, env: msg };
@@ -680,7 +692,7 @@ impl World {
             invariants::servable_lines_match_memory(key, &lines, &self.memory)
                 .map_err(fail("servable lines match memory"))?;
             if let Some((dir, dir_now)) = home {
-                invariants::directory_records_are_swmr(key, &dir.holders(key)).map_err(fail(
+                invariants::directory_records_are_swmr(key, dir).map_err(fail(
                     "directory records are single writer / multiple readers",
                 ))?;
                 invariants::directory_covers_servable_lines(key, &lines, dir, dir_now)
@@ -775,7 +787,7 @@ impl World {
                 self.ops.insert(op, c);
             }
         }
-        self.after_node(node)?;
+        self.after_node(node, true)?;
         Ok(op)
     }
 
@@ -815,7 +827,7 @@ impl World {
             }
             Err(e) => return Err(("requests are well-formed", format!("write {key}: {e}"))),
         }
-        self.after_node(node)?;
+        self.after_node(node, true)?;
         Ok(op)
     }
 
@@ -980,6 +992,18 @@ impl World {
         self.home = Some(SimHome { dir, clock });
         if self.trace {
             eprintln!("{} ms: directory of epoch {} starts", self.now, self.epoch);
+        }
+        // Some nodes hear of the new leader from Raft before the directory talks to them.
+        for id in self.nodes.keys().copied().collect::<Vec<_>>() {
+            let n = &self.nodes[&id];
+            if n.paused_until > self.now || !self.rng.chance(0.5) {
+                continue;
+            }
+            let local = n.clock.local(self.now);
+            if let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
+                core.on_new_epoch(local, self.epoch);
+                self.after_node(id, true)?;
+            }
         }
         self.check()
     }
