@@ -459,25 +459,22 @@ impl CacheNode {
         current: bool,
         install: Option<(Bytes, Version, Option<u64>)>,
     ) -> LineState {
-        let Some(g) = grant else {
-            return self
-                .lines
-                .peek(&p.key)
-                .map_or(LineState::Invalid, |l| l.state);
+        // A line granted under another lease belongs to a session the directory has forgotten
+        // (it starts a new session only after the old one's lease ran out).
+        let Some(g) = grant.filter(|_| current) else {
+            return self.state_of(&p.key);
         };
         // Replies of this key granted earlier are older than this one: they may not install.
         self.poison(&p.key, g.grant);
-        let newer_held = self.lines.peek(&p.key).is_some_and(|l| l.grant >= g.grant);
-        let allowed = current && g.grant > p.poisoned_upto && !newer_held;
-        let Some((value, version, ttl)) = install.filter(|_| allowed) else {
+        if self.lines.peek(&p.key).is_some_and(|l| l.grant >= g.grant) {
+            // A newer reply arrived first; the directory's record names it or a later grant.
             self.stats.replies_not_cached += 1;
-            if current && !newer_held {
-                self.decline(&p.key, g.grant);
-            }
-            return self
-                .lines
-                .peek(&p.key)
-                .map_or(LineState::Invalid, |l| l.state);
+            return self.state_of(&p.key);
+        }
+        let Some((value, version, ttl)) = install.filter(|_| g.grant > p.poisoned_upto) else {
+            self.stats.replies_not_cached += 1;
+            self.decline(&p.key, g.grant);
+            return LineState::Invalid;
         };
         let expires_at = ttl.map(|t| p.sent_at.saturating_add(t));
         let line = Line::new(
@@ -501,6 +498,11 @@ impl CacheNode {
             }
         }
         state
+    }
+
+    /// The state of this node's line for `key`, served or not.
+    fn state_of(&self, key: &str) -> LineState {
+        self.lines.peek(key).map_or(LineState::Invalid, |l| l.state)
     }
 
     /// The node will not hold the line granted as `grant`: it drops any older line of the key
