@@ -13,8 +13,10 @@
 //!   grant), and no newer reply for the key arrived first. A poisoned reply still answers the
 //!   client that asked: its value was read from memory while that client waited, which is a
 //!   linearizable answer, but it is not cached, because a write may complete right after.
-//! - **Writes**: a node drops its own line of the key when it starts a write, and poisons its
-//!   fills of the key in flight, so a write that fails leaves no line with either value.
+//! - **Writes**: a node drops its own line of the key when it starts a write and tells the
+//!   directory which grant it dropped; the directory invalidates any newer line it recorded for
+//!   the writer (a fill still in flight) like anyone's. So a write that fails leaves no line
+//!   with either value.
 //! - **Acknowledgements** promise the node holds nothing the demand covers, in-flight replies
 //!   included; that is what lets the directory complete a write on them.
 
@@ -231,7 +233,9 @@ impl CacheNode {
 
     /// Writes `key` (Set, Delete or CompareAndSet) through the directory; the answer comes as
     /// [`NodeEffect::Done`] for `op`. The node's own line is dropped at once: until the write
-    /// completes, reads here miss and queue behind it at the directory.
+    /// completes, reads here miss and queue behind it at the directory. (The request names the
+    /// dropped line's grant, and the directory spares only that line its invalidation: if the
+    /// node kept it, a write whose answer was lost would leave it serving the old value.)
     pub fn write(&mut self, now: u64, op: OpId, key: &str, write: Write) -> Result<(), CacheError> {
         let installs = match &write.mutation {
             Mutation::Set { value, ttl_ms } => Some((value.clone(), *ttl_ms)),
@@ -252,8 +256,6 @@ impl CacheNode {
                 grant
             })
             .unwrap_or(0);
-        // Fills of the key still in flight read the value before this write: none may install.
-        self.poison(key, GrantId::MAX);
         let req = self.track(now, op, key, installs, true);
         self.send(ToHome::WriteRequest {
             req,
