@@ -268,10 +268,7 @@ mod tests {
     #[test]
     fn node_lease_runs_from_the_renewal_it_answers_not_from_arrival() {
         let mut l = NodeLease::default();
-        let s = Stamp {
-            epoch: 1,
-            session: 1,
-        };
+        let s = Stamp::new(1, 1);
         assert_eq!(l.on_grant(s, 100, 50), GrantEffect::NewSession);
         assert!(l.serves(149));
         assert!(!l.serves(150));
@@ -283,22 +280,9 @@ mod tests {
     #[test]
     fn grants_of_older_sessions_or_epochs_are_ignored() {
         let mut l = NodeLease::default();
-        l.on_grant(
-            Stamp {
-                epoch: 2,
-                session: 5,
-            },
-            0,
-            100,
-        );
-        let old_session = Stamp {
-            epoch: 2,
-            session: 4,
-        };
-        let old_epoch = Stamp {
-            epoch: 1,
-            session: 9,
-        };
+        l.on_grant(Stamp::new(2, 5), 0, 100);
+        let old_session = Stamp::new(2, 4);
+        let old_epoch = Stamp::new(1, 9);
         assert_eq!(l.on_grant(old_session, 50, 100), GrantEffect::Ignored);
         assert_eq!(l.on_grant(old_epoch, 50, 100), GrantEffect::Ignored);
         assert!(!l.serves(100));
@@ -307,14 +291,7 @@ mod tests {
     #[test]
     fn a_newer_epoch_ends_the_lease_at_once() {
         let mut l = NodeLease::default();
-        l.on_grant(
-            Stamp {
-                epoch: 1,
-                session: 1,
-            },
-            0,
-            100,
-        );
+        l.on_grant(Stamp::new(1, 1), 0, 100);
         assert!(l.observe_epoch(2, 10));
         assert!(!l.serves(10));
         assert!(l.renewal_due(10, 30));

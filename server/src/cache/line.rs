@@ -246,10 +246,7 @@ mod tests {
             LineState::Shared,
             Bytes::from_static(value.as_bytes()),
             1,
-            Stamp {
-                epoch: 1,
-                session: 1,
-            },
+            Stamp::new(1, 1),
             1,
             expires_at,
         )
@@ -257,14 +254,7 @@ mod tests {
 
     fn lease() -> NodeLease {
         let mut l = NodeLease::default();
-        l.on_grant(
-            Stamp {
-                epoch: 1,
-                session: 1,
-            },
-            0,
-            100,
-        );
+        l.on_grant(Stamp::new(1, 1), 0, 100);
         l
     }
 
@@ -306,14 +296,7 @@ mod tests {
         let mut lines = Lines::new(100);
         let mut l = lease();
         lines.insert("k", line("v", None));
-        l.on_grant(
-            Stamp {
-                epoch: 1,
-                session: 2,
-            },
-            0,
-            100,
-        );
+        l.on_grant(Stamp::new(1, 2), 0, 100);
         assert!(lines.servable(1, "k", &l).is_none());
     }
 }

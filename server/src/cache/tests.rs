@@ -24,6 +24,15 @@ fn world(nodes: usize) -> World {
     w
 }
 
+/// A world in which node 1 wrote `k` = "v1" (version returned) and node 2 then read it: both
+/// hold it Shared.
+fn shared_world(nodes: usize) -> (World, u64) {
+    let mut w = world(nodes);
+    let v1 = write_ok(&mut w, 1, "k", set("v1"));
+    read(&mut w, 2, "k");
+    (w, v1)
+}
+
 fn set(value: &str) -> Write {
     Write {
         mutation: Mutation::Set {
@@ -61,12 +70,7 @@ fn serving(w: &World, node: u64, key: &str) -> LineState {
 
 fn recorded(w: &World, key: &str) -> Vec<(u64, LineState)> {
     w.directory()
-        .map(|d| {
-            d.holders(key)
-                .into_iter()
-                .map(|(n, h)| (n, h.state))
-                .collect()
-        })
+        .map(|d| d.holders(key).map(|(n, h)| (n, h.state)).collect())
         .unwrap_or_default()
 }
 
@@ -104,6 +108,26 @@ fn sent(n: &mut CacheNode) -> Vec<ToHome> {
             _ => None,
         })
         .collect()
+}
+
+/// Starts a Get of "k" on `n` (operation `op`), which misses, and returns its fill's request id.
+fn start_fill(n: &mut CacheNode, op: u64) -> ReqId {
+    assert_eq!(n.get(1, op, "k"), Ok(Lookup::Pending));
+    fill_request(&sent(n))
+}
+
+/// Delivers a demand of `kind` for "k" (operation 9, covering grants up to 5) and returns what
+/// the node sent back.
+fn demand(n: &mut CacheNode, kind: DemandKind) -> Vec<ToHome> {
+    let d = Demand {
+        key: "k".into(),
+        op: 9,
+        upto: 5,
+        kind,
+    };
+    let msg = ToNode::Demand(d);
+    n.on_message(2, Envelope { stamp: STAMP, msg });
+    sent(n)
 }
 
 fn fill_request(msgs: &[ToHome]) -> ReqId {
@@ -273,9 +297,7 @@ fn compare_and_set_writes_only_on_the_expected_version() {
 
 #[test]
 fn a_failed_memory_write_leaves_no_line_and_memory_unchanged() {
-    let mut w = world(2);
-    let v1 = write_ok(&mut w, 1, "k", set("v1"));
-    read(&mut w, 2, "k");
+    let (mut w, v1) = shared_world(2);
     w.memory_outage(30);
     let op = w.start_write(1, "k", set("v2")).expect("ok");
     let answer = w.wait(op, 500).expect("invariants hold");
@@ -302,9 +324,7 @@ fn a_failed_memory_write_leaves_no_line_and_memory_unchanged() {
 
 #[test]
 fn a_node_cut_off_from_its_directory_stops_hitting_when_its_lease_ends() {
-    let mut w = world(2);
-    write_ok(&mut w, 1, "k", set("v"));
-    read(&mut w, 2, "k");
+    let (mut w, _) = shared_world(2);
     w.cut(2, true, true);
     let lease = w
         .node(2)
@@ -324,9 +344,7 @@ fn a_node_cut_off_from_its_directory_stops_hitting_when_its_lease_ends() {
 
 #[test]
 fn a_write_waits_for_the_lease_of_a_holder_it_cannot_reach() {
-    let mut w = world(2);
-    write_ok(&mut w, 1, "k", set("v1"));
-    read(&mut w, 2, "k");
+    let (mut w, _) = shared_world(2);
     w.cut(2, true, true);
     let started = w.now();
     let op = w.start_write(1, "k", set("v2")).expect("ok");
@@ -356,9 +374,7 @@ fn a_write_waits_for_the_lease_of_a_holder_it_cannot_reach() {
 
 #[test]
 fn a_lease_grant_carries_the_invalidations_a_holder_missed() {
-    let mut w = world(2);
-    write_ok(&mut w, 1, "k", set("v1"));
-    read(&mut w, 2, "k");
+    let (mut w, _) = shared_world(2);
     // Node 2 misses the invalidation, then hears from the directory again before its lease
     // ends: the renewal's grant carries it, node 2 drops the line and acknowledges, and the
     // write completes without waiting for the lease.
@@ -379,9 +395,7 @@ fn a_lease_grant_carries_the_invalidations_a_holder_missed() {
 
 #[test]
 fn a_node_whose_lease_ran_out_is_forgotten_and_starts_a_new_session() {
-    let mut w = world(2);
-    write_ok(&mut w, 1, "k", set("v1"));
-    read(&mut w, 2, "k");
+    let (mut w, _) = shared_world(2);
     let before = w.node(2).map(|n| n.stamp()).expect("up");
     w.stop_renewals(2, 200);
     w.advance(200).expect("invariants hold");
@@ -401,9 +415,7 @@ fn a_node_whose_lease_ran_out_is_forgotten_and_starts_a_new_session() {
 
 #[test]
 fn a_new_epoch_writes_nothing_until_every_old_lease_has_run_out() {
-    let mut w = world(3);
-    write_ok(&mut w, 1, "k", set("v1"));
-    read(&mut w, 2, "k");
+    let (mut w, _) = shared_world(3);
     read(&mut w, 3, "k");
     w.change_epoch(0);
     w.advance(1).expect("ok");
@@ -512,30 +524,15 @@ fn a_value_over_the_maximum_size_is_an_invalid_argument_and_one_over_the_capacit
 #[test]
 fn a_fill_that_raced_an_invalidation_answers_its_reader_but_is_not_cached() {
     let mut n = leased_node(CacheConfig::default());
-    assert_eq!(n.get(1, 1, "k"), Ok(Lookup::Pending));
-    let req = fill_request(&sent(&mut n));
+    let req = start_fill(&mut n, 1);
     // The directory served the fill (grant 5), then a write invalidated the node; the
     // invalidation overtakes the reply.
-    let demand = Demand {
+    let acks = demand(&mut n, DemandKind::Invalidate);
+    let ack = ToHome::InvalidateAck {
         key: "k".into(),
         op: 9,
-        upto: 5,
-        kind: DemandKind::Invalidate,
     };
-    n.on_message(
-        2,
-        Envelope {
-            stamp: STAMP,
-            msg: ToNode::Demand(demand),
-        },
-    );
-    assert_eq!(
-        sent(&mut n),
-        [ToHome::InvalidateAck {
-            key: "k".into(),
-            op: 9
-        }]
-    );
+    assert_eq!(acks, [ack]);
     n.on_message(3, fill_reply(req, 4, 5, LineState::Exclusive));
     let effects = n.take_effects();
     assert!(effects.iter().any(|e| matches!(
@@ -559,30 +556,14 @@ fn a_fill_that_raced_an_invalidation_answers_its_reader_but_is_not_cached() {
 #[test]
 fn a_fill_that_raced_a_recall_is_not_cached_either() {
     let mut n = leased_node(CacheConfig::default());
-    n.get(1, 1, "k").expect("valid");
-    let req = fill_request(&sent(&mut n));
-    let demand = Demand {
+    let req = start_fill(&mut n, 1);
+    let ack = ToHome::RecallAck {
         key: "k".into(),
         op: 9,
-        upto: 5,
-        kind: DemandKind::Recall,
+        kept: false,
     };
-    n.on_message(
-        2,
-        Envelope {
-            stamp: STAMP,
-            msg: ToNode::Demand(demand),
-        },
-    );
-    assert_eq!(
-        sent(&mut n),
-        [ToHome::RecallAck {
-            key: "k".into(),
-            op: 9,
-            kept: false
-        }],
-        "it told the directory it keeps nothing"
-    );
+    let acks = demand(&mut n, DemandKind::Recall);
+    assert_eq!(acks, [ack], "it told the directory it keeps nothing");
     n.on_message(3, fill_reply(req, 4, 5, LineState::Exclusive));
     assert!(
         n.servable(4, "k").is_none(),
@@ -593,10 +574,8 @@ fn a_fill_that_raced_a_recall_is_not_cached_either() {
 #[test]
 fn a_reply_older_than_the_line_held_does_not_replace_it() {
     let mut n = leased_node(CacheConfig::default());
-    n.get(1, 1, "k").expect("valid");
-    let first = fill_request(&sent(&mut n));
-    n.get(1, 2, "k").expect("valid");
-    let second = fill_request(&sent(&mut n));
+    let first = start_fill(&mut n, 1);
+    let second = start_fill(&mut n, 2);
     n.on_message(2, fill_reply(second, 7, 6, LineState::Shared));
     n.on_message(3, fill_reply(first, 4, 5, LineState::Exclusive));
     let line = n.servable(4, "k").expect("the newer line stays");
@@ -609,8 +588,7 @@ fn a_reply_older_than_the_line_held_does_not_replace_it() {
 #[test]
 fn replies_meant_for_a_previous_run_of_the_node_are_ignored() {
     let mut old = leased_node(CacheConfig::default());
-    old.get(1, 1, "k").expect("valid");
-    let req = fill_request(&sent(&mut old));
+    let req = start_fill(&mut old, 1);
     let mut restarted = CacheNode::new(1, CacheConfig::default(), 2);
     restarted.get(1, 1, "k").expect("valid");
     restarted.take_effects();
@@ -626,8 +604,7 @@ fn replies_meant_for_a_previous_run_of_the_node_are_ignored() {
 #[test]
 fn a_grant_of_a_new_session_drops_every_line_of_the_old_one() {
     let mut n = leased_node(CacheConfig::default());
-    n.get(1, 1, "k").expect("valid");
-    let req = fill_request(&sent(&mut n));
+    let req = start_fill(&mut n, 1);
     n.on_message(2, fill_reply(req, 4, 5, LineState::Exclusive));
     assert!(n.servable(3, "k").is_some());
     let new_session = Envelope {
@@ -640,6 +617,12 @@ fn a_grant_of_a_new_session_drops_every_line_of_the_old_one() {
     };
     n.on_message(4, new_session);
     assert!(n.servable(5, "k").is_none());
+    assert_eq!(n.stats().2, 0, "dropped, not merely unserved");
+    let reported = n.take_effects().into_iter().any(|e| {
+        matches!(e, NodeEffect::Invalidated(ev) if ev.key == "k"
+            && ev.reason == super::node::InvalidationReason::LeaseExpired)
+    });
+    assert!(reported, "near caches are told");
     assert!(
         n.line_view(5, "k").lease_remaining_ms > 0,
         "but the node has a lease again"

@@ -110,13 +110,13 @@ pub fn read_sees_completed_writes(
     started: Instant,
     version: Version,
 ) -> Result<(), String> {
-    match h.newest_write_before(key, started) {
-        Some((newest, at)) if newest > version => Err(format!(
-            "key {key}: a read begun at event {started} returned version {version}, but version \
-             {newest} was acknowledged to its writer at event {at}"
-        )),
-        _ => Ok(()),
-    }
+    not_older(
+        key,
+        started,
+        version,
+        h.newest_write_before(key, started),
+        "acknowledged to its writer",
+    )
 }
 
 /// (6) Reads do not go back in time: a read returns at least the version of every read that
@@ -127,10 +127,28 @@ pub fn read_sees_completed_reads(
     started: Instant,
     version: Version,
 ) -> Result<(), String> {
-    match h.newest_read_before(key, started) {
+    not_older(
+        key,
+        started,
+        version,
+        h.newest_read_before(key, started),
+        "returned to a reader",
+    )
+}
+
+/// A read begun at `started` that returned `version` is not older than `newest`, the newest
+/// version of `key` `what` before it began (and when).
+fn not_older(
+    key: &str,
+    started: Instant,
+    version: Version,
+    newest: Option<(Version, Instant)>,
+    what: &str,
+) -> Result<(), String> {
+    match newest {
         Some((newest, at)) if newest > version => Err(format!(
-            "key {key}: a read begun at event {started} returned version {version}, but a read \
-             completed at event {at} had returned version {newest}"
+            "key {key}: a read begun at event {started} returned version {version}, but version \
+             {newest} was {what} at event {at}"
         )),
         _ => Ok(()),
     }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+use super::network::take_due;
 use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
 use crate::cache::message::{Mutation, WriteResult};
 use crate::cache::{Epoch, Stored, Version};
@@ -88,19 +89,8 @@ impl SimMemory {
 
     /// Applies the requests due by `now`, in random order, and queues their answers.
     pub fn step(&mut self, rng: &mut SplitMix64, faults: &MemoryFaults, now: u64) {
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].0 <= now {
-                due.push(self.pending.swap_remove(i).1);
-            } else {
-                i += 1;
-            }
-        }
-        for k in (1..due.len()).rev() {
-            let j = rng.below(k as u64 + 1) as usize;
-            due.swap(k, j);
-        }
+        let mut due = take_due(&mut self.pending, now, |_| true);
+        rng.shuffle(&mut due);
         for req in due {
             let back = now + 1 + rng.below(faults.max_latency);
             if req.epoch < self.fence {

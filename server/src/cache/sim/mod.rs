@@ -757,38 +757,7 @@ impl World {
     }
 
     fn client_get(&mut self, node: NodeId, key: &str) -> Result<OpId, (&'static str, String)> {
-        self.last_op += 1;
-        let op = self.last_op;
-        let Some(n) = self.nodes.get_mut(&node) else {
-            return Ok(op);
-        };
-        let local = n.clock.local(self.now);
-        let Some(core) = n.core.as_mut() else {
-            return Ok(op);
-        };
-        self.instant += 1;
-        let started = self.instant;
-        let lookup = core
-            .get(local, op, key)
-            .map_err(|e| ("requests are well-formed", format!("get {key}: {e}")))?;
-        match lookup {
-            Lookup::Hit(read) => {
-                self.report.hits += 1;
-                self.check_read(key, started, &read.stored, true)?;
-                self.answers.insert(op, Ok(Answer::Read(read)));
-            }
-            Lookup::Pending => {
-                let c = ClientOp {
-                    node,
-                    key: key.to_string(),
-                    started,
-                    write: None,
-                };
-                self.ops.insert(op, c);
-            }
-        }
-        self.after_node(node, true)?;
-        Ok(op)
+        self.client_op(node, key, None)
     }
 
     fn client_write(
@@ -796,6 +765,16 @@ impl World {
         node: NodeId,
         key: &str,
         w: Write,
+    ) -> Result<OpId, (&'static str, String)> {
+        self.client_op(node, key, Some(w))
+    }
+
+    /// Starts a Get (`write` is `None`) or a write on `node`; nothing happens if it is down.
+    fn client_op(
+        &mut self,
+        node: NodeId,
+        key: &str,
+        write: Option<Write>,
     ) -> Result<OpId, (&'static str, String)> {
         self.last_op += 1;
         let op = self.last_op;
@@ -807,25 +786,37 @@ impl World {
             return Ok(op);
         };
         self.instant += 1;
-        let value = match &w.mutation {
-            Mutation::Set { value, .. } => Some(value.clone()),
-            Mutation::Delete => None,
+        let pending = ClientOp {
+            node,
+            key: key.to_string(),
+            started: self.instant,
+            write: write.as_ref().map(|w| match &w.mutation {
+                Mutation::Set { value, .. } => Some(value.clone()),
+                Mutation::Delete => None,
+            }),
         };
-        match core.write(local, op, key, w) {
-            Ok(()) => {
-                let c = ClientOp {
-                    node,
-                    key: key.to_string(),
-                    started: self.instant,
-                    write: Some(value),
-                };
-                self.ops.insert(op, c);
+        // `Some(read)`: a hit, answered at once.
+        let outcome = match write {
+            None => core.get(local, op, key).map(|lookup| match lookup {
+                Lookup::Hit(read) => Some(read),
+                Lookup::Pending => None,
+            }),
+            Some(w) => core.write(local, op, key, w).map(|()| None),
+        };
+        match outcome {
+            Ok(Some(read)) => {
+                self.report.hits += 1;
+                self.check_read(key, pending.started, &read.stored, true)?;
+                self.answers.insert(op, Ok(Answer::Read(read)));
+            }
+            Ok(None) => {
+                self.ops.insert(op, pending);
             }
             // Too large for this node's cache: refused before anything happened.
             Err(e @ CacheError::ResourceExhausted(_)) => {
                 self.answers.insert(op, Err(e));
             }
-            Err(e) => return Err(("requests are well-formed", format!("write {key}: {e}"))),
+            Err(e) => return Err(("requests are well-formed", format!("{key}: {e}"))),
         }
         self.after_node(node, true)?;
         Ok(op)

@@ -10,6 +10,8 @@ use std::collections::BTreeSet;
 use crate::cache::NodeId;
 use crate::cache::message::{Envelope, ToHome, ToNode};
 use crate::raft::rng::SplitMix64;
+/// The Raft simulator's fault settings, read with one round = one millisecond.
+pub use crate::raft::sim::network::Faults;
 
 /// A message on the wire.
 #[derive(Clone, Debug)]
@@ -38,20 +40,6 @@ impl Packet {
             Packet::ToNode { to, .. } => *to,
         }
     }
-}
-
-/// Network fault settings.
-#[derive(Clone, Debug)]
-pub struct Faults {
-    /// Probability that a message is lost.
-    pub drop: f64,
-    /// Probability that a message (other than a write request) is delivered twice.
-    pub duplicate: f64,
-    /// A message takes 0..=max_delay ms.
-    pub max_delay: u64,
-    /// Probability that a message straggles, arriving 20 to 119 ms late (after leases and
-    /// operations it belonged to have moved on).
-    pub straggle: f64,
 }
 
 /// Messages in flight and cut links.
@@ -88,7 +76,7 @@ impl Network {
         };
         for _ in 0..copies {
             let delay = if rng.chance(faults.straggle) {
-                20 + rng.below(100)
+                10 + rng.below(40)
             } else {
                 rng.below(faults.max_delay + 1)
             };
@@ -104,19 +92,8 @@ impl Network {
         now: u64,
         ready: impl Fn(&Packet) -> bool,
     ) -> Vec<Packet> {
-        let mut due = Vec::new();
-        let mut i = 0;
-        while i < self.in_flight.len() {
-            if self.in_flight[i].0 <= now && ready(&self.in_flight[i].1) {
-                due.push(self.in_flight.swap_remove(i).1);
-            } else {
-                i += 1;
-            }
-        }
-        for k in (1..due.len()).rev() {
-            let j = rng.below(k as u64 + 1) as usize;
-            due.swap(k, j);
-        }
+        let mut due = take_due(&mut self.in_flight, now, ready);
+        rng.shuffle(&mut due);
         due.retain(|p| !self.is_cut(p));
         due
     }
@@ -160,4 +137,19 @@ impl Network {
             Packet::ToNode { to, .. } => self.cut_from_home.contains(to),
         }
     }
+}
+
+/// Removes and returns the items of `queue` due by `now` (`(due time, item)`) that `ready`
+/// accepts, in no particular order.
+pub fn take_due<T>(queue: &mut Vec<(u64, T)>, now: u64, ready: impl Fn(&T) -> bool) -> Vec<T> {
+    let mut due = Vec::new();
+    let mut i = 0;
+    while i < queue.len() {
+        if queue[i].0 <= now && ready(&queue[i].1) {
+            due.push(queue.swap_remove(i).1);
+        } else {
+            i += 1;
+        }
+    }
+    due
 }
