@@ -353,7 +353,12 @@ impl World {
         let mut rng = SplitMix64(seed ^ 0x00CA_C4E5_11ED);
         let mut nodes = BTreeMap::new();
         for id in 1..=cfg.nodes as u64 {
-            let capacity = cfg.capacities[rng.below(cfg.capacities.len() as u64) as usize];
+            let pick = rng.below(cfg.capacities.len() as u64) as usize;
+            let capacity = cfg
+                .capacities
+                .get(pick)
+                .copied()
+                .unwrap_or(cfg.cache.capacity_bytes);
             let node_cfg = CacheConfig {
                 capacity_bytes: capacity,
                 ..cfg.cache.clone()
@@ -718,7 +723,10 @@ impl World {
             return Ok(());
         }
         let node = up[self.rng.below(up.len() as u64) as usize];
-        let key = self.keys[self.rng.below(self.keys.len() as u64) as usize].clone();
+        let pick = self.rng.below(self.keys.len() as u64) as usize;
+        let Some(key) = self.keys.get(pick).cloned() else {
+            return Ok(());
+        };
         let roll = self.rng.below(100);
         if roll < 70 {
             self.client_get(node, &key)?;
@@ -901,7 +909,10 @@ impl World {
 
     fn chaos(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let pick = |rng: &mut SplitMix64| ids[rng.below(ids.len() as u64) as usize];
+        let pick = |rng: &mut SplitMix64| {
+            let i = rng.below(ids.len() as u64) as usize;
+            ids.get(i).copied().unwrap_or(0)
+        };
         if self.rng.chance(self.cfg.partition) {
             let node = pick(&mut self.rng);
             let (to_home, from_home) = match self.rng.below(3) {
@@ -1024,7 +1035,9 @@ impl World {
         for _ in 0..settle {
             self.step(false)?;
         }
-        let key = self.keys[0].clone();
+        let Some(key) = self.keys.first().cloned() else {
+            return Ok(());
+        };
         let patience = self.cfg.cache.op_timeout_ms;
         for writer in self.nodes.keys().copied().collect::<Vec<_>>() {
             let value = self.fresh_value(writer, false);
