@@ -16,7 +16,8 @@
 //!   directory records that node as a holder, at least as exclusive as the line. Holders are
 //!   added only when a line is granted, and removed only on an acknowledgement, an eviction
 //!   notice naming the recorded grant, a deadline (with the demand kept on the node's lease),
-//!   or the end of the node's lease.
+//!   the node's own write request naming the grant as dropped (in its live session), or the
+//!   end of the node's lease.
 //! - **Records are single-writer / multiple-reader**: a fill recalls every Exclusive or Modified
 //!   holder before it grants, and grants Exclusive only when no other holder remains; a write
 //!   invalidates every holder before it grants Modified.

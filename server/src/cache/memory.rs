@@ -57,15 +57,6 @@ pub struct MemoryRequest {
     pub op: MemoryOp,
 }
 
-impl MemoryRequest {
-    /// The key the request is about.
-    pub fn key(&self) -> &str {
-        match &self.op {
-            MemoryOp::Read { key } | MemoryOp::Write { key, .. } => key,
-        }
-    }
-}
-
 /// Memory's answer to a request that took effect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemoryReply {
