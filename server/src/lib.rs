@@ -1,6 +1,8 @@
 //! # syncd
 //!
 //! The syncd server library. Layout:
+//! - [`cache`]: the pure cache coherence protocol (MESI lines, directory, leases) and its
+//!   deterministic simulator.
 //! - [`raft`]: the pure, deterministic Raft engine and its simulator.
 //! - [`storage`]: the durable log (segmented WAL with group commit) and snapshots.
 //! - [`state`]: the replicated state machine (request de-duplication, registers, and the
@@ -11,6 +13,7 @@
 //! - [`server`]: assembles a serving node (used by the `syncd` binary).
 
 pub mod api;
+pub mod cache;
 pub mod metrics;
 pub mod node;
 pub mod raft;

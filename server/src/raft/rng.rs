@@ -24,4 +24,12 @@ impl SplitMix64 {
     pub fn chance(&mut self, p: f64) -> bool {
         ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
     }
+
+    /// Shuffles `items` in place (Fisher-Yates), e.g. messages due at the same time.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for k in (1..items.len()).rev() {
+            let j = self.below(k as u64 + 1) as usize;
+            items.swap(k, j);
+        }
+    }
 }

@@ -92,10 +92,7 @@ impl Network {
                 i += 1;
             }
         }
-        for k in (1..due.len()).rev() {
-            let j = rng.below(k as u64 + 1) as usize;
-            due.swap(k, j);
-        }
+        rng.shuffle(&mut due);
         due.into_iter()
             .partition(|p| !self.cut.contains(&(p.msg.from(), p.msg.to())))
     }

@@ -1,0 +1,76 @@
+//! Memory: the backing store behind the caches, as the directory sees it.
+//!
+//! By default memory is the replicated state machine: a write is a Raft proposal (one "memory
+//! write" step, which may take a while and may fail), a read is a linearizable (ReadIndex)
+//! read. With `--cache-backend redis://…` it is Redis. The directory emits a
+//! [`MemoryRequest`] and the shell answers it with [`crate::cache::Directory::on_memory`].
+//!
+//! ## The contract the shell must honour
+//! 1. **Linearizable**: each request takes effect at one instant between its emission and its
+//!    answer, and reads see every write that took effect before them.
+//! 2. **Versions** strictly increase per key and are never reused, deletions included (the
+//!    Raft commit index works; Redis keeps a per-key counter beside the value). A missing key
+//!    reads with the version of its deletion, or 0 if it never existed (a store that purges
+//!    deletions may report any version at least as large as every purged one).
+//! 3. **Exactly one answer** per request, and an `Err` means the request did not take effect
+//!    and never will. An ambiguous outcome must be resolved before answering (Raft: wait until
+//!    the entry commits or leadership is lost; Redis: read the version back). This is what
+//!    makes a failed write leave no trace: the directory lets the key's next operation start as
+//!    soon as it has the answer, so a write that landed later would be invisible to it.
+//! 4. **Fenced by epoch**: a request carries the directory's epoch, and once a newer epoch has
+//!    taken over memory, requests of older epochs fail. Raft gives this for free (a deposed
+//!    leader cannot commit; a new leader commits or truncates every older entry before its
+//!    first entry of its own term); Redis needs the epoch checked in the same script as the
+//!    write.
+//! 5. **TTL**: memory stamps the expiry (the leader's clock) and reports the time left on read.
+
+use super::{Epoch, Stored, message::Write, message::WriteResult};
+
+/// A memory request's id, chosen by the directory.
+pub type MemOpId = u64;
+
+/// What the directory asks of memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryOp {
+    /// Read a key (linearizably).
+    Read {
+        /// The key.
+        key: String,
+    },
+    /// Write a key.
+    Write {
+        /// The key.
+        key: String,
+        /// What to write; for CompareAndSet, the version to expect.
+        write: Write,
+    },
+}
+
+/// A request to memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryRequest {
+    /// Echoed in the answer.
+    pub id: MemOpId,
+    /// The directory's epoch: memory refuses requests of an epoch older than its newest.
+    pub epoch: Epoch,
+    /// The operation.
+    pub op: MemoryOp,
+}
+
+/// Memory's answer to a request that took effect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryReply {
+    /// The answer to a read.
+    Read(Stored),
+    /// The answer to a write.
+    Written(WriteResult),
+}
+
+/// Why a memory request failed. Whatever the reason, it did not take effect and never will.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    /// The store could not be reached or refused (Raft: no quorum, not the leader, a newer
+    /// epoch; Redis: connection refused).
+    #[error("memory unavailable: {0}")]
+    Unavailable(String),
+}
