@@ -19,8 +19,13 @@ const ROOT_EXAMPLES: &str = "\
 Examples:
   syncctl dev up                      # a 3-node cluster on 127.0.0.1:7001-7003
   syncctl status                      # each member's role, term, leader and indexes
+  syncctl lock run nightly-report -- ./report.sh
+  syncctl lock list
   syncctl bench raw --clients 64 --duration 10s
-  SYNC_ENDPOINTS=10.0.0.5:7001 syncctl status --output json";
+  SYNC_ENDPOINTS=10.0.0.5:7001 syncctl status --output json
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 lock not acquired or timed out
+(`lock run` exits with the command's own code).";
 
 /// Command-line client for a syncd cluster.
 #[derive(Parser, Debug)]
@@ -106,6 +111,245 @@ Examples:
   syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379"
     )]
     Bench(BenchCommand),
+
+    /// Sessions: the leases that hold locks.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl session grant --ttl 30s
+  syncctl session keepalive 42
+  syncctl session list
+  syncctl session revoke 42"
+    )]
+    Session(SessionCommand),
+
+    /// Locks: acquire, release, inspect, watch, or run a command while holding one.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl lock run nightly-report -- ./report.sh
+  syncctl lock acquire db-migration --ttl 30s --wait 5s
+  syncctl lock release db-migration --session 42
+  syncctl lock list jobs/
+  syncctl lock get db-migration --output json
+  syncctl lock watch"
+    )]
+    Lock(LockCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// Open a session and print its id. Nothing keeps it alive: it expires after its TTL
+    /// unless renewed with `session keepalive`.
+    #[command(after_help = "\
+Examples:
+  syncctl session grant --ttl 30s
+  syncctl session grant --ttl 1m --client-name deploy-bot --output json")]
+    Grant(SessionGrantArgs),
+
+    /// Renew a session every TTL/3 until Ctrl-C (or once with --once).
+    #[command(after_help = "\
+Examples:
+  syncctl session keepalive 42
+  syncctl session keepalive 42 --once --output json")]
+    Keepalive(SessionKeepaliveArgs),
+
+    /// End a session now: its locks are released and its waits fail.
+    #[command(after_help = "\
+Examples:
+  syncctl session revoke 42")]
+    Revoke(SessionIdArg),
+
+    /// List the open sessions (explicit and implicit).
+    #[command(after_help = "\
+Examples:
+  syncctl session list
+  syncctl session list --output json")]
+    List,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SessionGrantArgs {
+    /// How long the session lives without a keep-alive (1s to 10m).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub ttl: Duration,
+
+    /// The name others see in lock holders and waiters.
+    #[arg(long, default_value = "syncctl")]
+    pub client_name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SessionKeepaliveArgs {
+    /// The session id.
+    pub id: u64,
+
+    /// Renew once and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SessionIdArg {
+    /// The session id.
+    pub id: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LockCommand {
+    /// Acquire a lock and leave it held; print its fencing token and session.
+    ///
+    /// With --ttl, a new session is opened for the lock; nothing keeps it alive after syncctl
+    /// exits, so the lock is held until that TTL passes unless the session is renewed (`session
+    /// keepalive`). With --session, an existing session takes the lock. Exits with 3 if the lock
+    /// is not acquired within --wait (default: try once).
+    #[command(after_help = "\
+Examples:
+  syncctl lock acquire db-migration --ttl 30s
+  syncctl lock acquire db-migration --ttl 30s --wait 5s --output json
+  syncctl lock acquire catalog --mode shared --session 42")]
+    Acquire(LockAcquireArgs),
+
+    /// Release a lock held by a session.
+    #[command(after_help = "\
+Examples:
+  syncctl lock release db-migration --session 42")]
+    Release(LockReleaseArgs),
+
+    /// List the locks that are held or awaited.
+    #[command(after_help = "\
+Examples:
+  syncctl lock list
+  syncctl lock list jobs/ --output json")]
+    List(LockPrefixArg),
+
+    /// Show one lock: its holders and its waiters in order.
+    #[command(after_help = "\
+Examples:
+  syncctl lock get db-migration
+  syncctl lock get db-migration --output json")]
+    Get(LockNameArg),
+
+    /// Run a command while holding a lock, then release it.
+    ///
+    /// Opens a session (kept alive while the command runs), acquires the lock (waiting up to
+    /// --wait), runs the command with SYNC_LOCK_NAME, SYNC_LOCK_TOKEN (the fencing token) and
+    /// SYNC_LOCK_SESSION in its environment, releases the lock, and exits with the command's
+    /// exit code. If the session is lost while the command runs, the command is stopped
+    /// (SIGTERM) and syncctl exits with 1. Exits with 3 if the lock is not acquired.
+    #[command(after_help = "\
+Examples:
+  syncctl lock run nightly-report -- ./report.sh --date today
+  syncctl lock run catalog --mode shared --wait 1m -- sh -c 'echo token $SYNC_LOCK_TOKEN'")]
+    Run(LockRunArgs),
+
+    /// Print lock events (acquired, converted, released, expired, revoked, deadlock) as they
+    /// happen, until Ctrl-C.
+    #[command(after_help = "\
+Examples:
+  syncctl lock watch
+  syncctl lock watch jobs/ --output json")]
+    Watch(LockPrefixArg),
+}
+
+/// A lock mode on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Any number of shared holders at once (readers).
+    Shared,
+    /// One holder, nobody else (writer).
+    Exclusive,
+}
+
+impl From<ModeArg> for sync_client::LockMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Shared => sync_client::LockMode::Shared,
+            ModeArg::Exclusive => sync_client::LockMode::Exclusive,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("owner").args(["session", "ttl"])))]
+pub struct LockAcquireArgs {
+    /// The lock's name (1 to 512 bytes).
+    pub name: String,
+
+    /// How to hold the lock.
+    #[arg(long, value_enum, default_value_t = ModeArg::Exclusive)]
+    pub mode: ModeArg,
+
+    /// Acquire for this existing session.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<u64>,
+
+    /// Open a new session with this TTL for the lock (the default, with 30s).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub ttl: Option<Duration>,
+
+    /// How long to wait for the lock (0: try once).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+
+    /// Lock-delay: if the session is lost while holding the lock, nobody gets it for this long.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub lock_delay: Duration,
+
+    /// The name others see in lock holders (for a new session).
+    #[arg(long, default_value = "syncctl")]
+    pub client_name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LockReleaseArgs {
+    /// The lock's name.
+    pub name: String,
+
+    /// The session holding it.
+    #[arg(long, value_name = "ID")]
+    pub session: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LockNameArg {
+    /// The lock's name.
+    pub name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LockPrefixArg {
+    /// Only locks whose names start with this (default: all).
+    #[arg(default_value = "")]
+    pub prefix: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LockRunArgs {
+    /// The lock's name.
+    pub name: String,
+
+    /// How to hold the lock.
+    #[arg(long, value_enum, default_value_t = ModeArg::Exclusive)]
+    pub mode: ModeArg,
+
+    /// How long to wait for the lock (0: try once).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+
+    /// TTL of the session that holds the lock while the command runs (renewed every TTL/3).
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub ttl: Duration,
+
+    /// The name others see in lock holders.
+    #[arg(long, default_value = "syncctl")]
+    pub client_name: String,
+
+    /// The command and its arguments, after `--`.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -406,6 +650,36 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn lock_acquire_takes_a_session_or_a_ttl_not_both() {
+        let cli = parse(&["lock", "acquire", "db", "--session", "42", "--wait", "5s"]).unwrap();
+        let Command::Lock(LockCommand::Acquire(a)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            (a.session, a.ttl, a.mode),
+            (Some(42), None, ModeArg::Exclusive)
+        );
+        assert_eq!(a.wait, Duration::from_secs(5));
+        let err = parse(&["lock", "acquire", "db", "--session", "42", "--ttl", "30s"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(parse(&["lock", "acquire", "db", "--mode", "both"]).is_err());
+    }
+
+    #[test]
+    fn lock_run_takes_the_command_after_a_double_dash() {
+        let cli = parse(&[
+            "lock", "run", "job", "--mode", "shared", "--", "sh", "-c", "exit 3",
+        ])
+        .unwrap();
+        let Command::Lock(LockCommand::Run(r)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(r.command, ["sh", "-c", "exit 3"]);
+        assert_eq!(r.mode, ModeArg::Shared);
+        assert_eq!(parse(&["lock", "run", "job"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -10,13 +10,25 @@ use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
 use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::Channel;
 
-use crate::args::Endpoint;
+use crate::args::{Endpoint, GlobalOpts};
 use crate::errors::{START_HINT, describe_status, describe_transport, timed_out};
 
 pub use sync_client::routing::{Leader, leader_hint};
 
 /// How often leader discovery asks again while an election is under way.
 const LEADER_POLL: Duration = Duration::from_millis(200);
+
+/// An SDK client for the lock and session commands: `--timeout` bounds connecting, each
+/// attempt, and each call with its retries.
+pub async fn sdk_client(global: &GlobalOpts) -> Result<sync_client::Client, sync_client::Error> {
+    sync_client::Client::builder(global.endpoints.iter().map(Endpoint::to_string))
+        .connect_timeout(global.timeout)
+        .request_timeout(global.timeout)
+        .deadline(global.timeout)
+        .client_name("syncctl")
+        .connect()
+        .await
+}
 
 /// Opens a connection to `endpoint`, failing after `deadline`. Every call on the connection is
 /// also bounded by `deadline`.

@@ -52,6 +52,20 @@ pub fn duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// A duration in milliseconds for tables: "30s", "1m 30s", "250ms".
+pub fn millis(ms: u64) -> String {
+    duration(Duration::from_millis(ms))
+}
+
+/// A point in time given in Unix milliseconds, as RFC 3339 UTC with milliseconds; "-" for 0.
+pub fn unix_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "-".to_owned();
+    }
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// A rate or ratio with three significant digits (at least the integer part).
 pub fn three_digits(x: f64) -> String {
     if x >= 100.0 {
@@ -74,6 +88,13 @@ mod tests {
         assert_eq!(micros(12_540), "12.5ms");
         assert_eq!(micros(125_400), "125ms");
         assert_eq!(micros(1_500_000), "1.50s");
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        assert_eq!(unix_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(unix_ms(0), "-");
+        assert_eq!(millis(90_000), "1m 30s");
     }
 
     #[test]

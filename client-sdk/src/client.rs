@@ -190,8 +190,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects: asks the endpoints for the cluster's members and leader. Fails with
-    /// [`Error::Unavailable`] if no endpoint answers within the deadline; succeeds without a
+    /// Connects: asks every endpoint at once for the cluster's members and leader. Fails with
+    /// [`Error::Unavailable`] if none answers within the connect timeout; succeeds without a
     /// leader (calls then wait for one, inside their deadline).
     pub async fn connect(self) -> Result<Client> {
         if let Some(reason) = self.auth_error {
@@ -208,7 +208,7 @@ impl ClientBuilder {
                 retries: AtomicU64::new(0),
             }),
         };
-        client.await_first_contact().await?;
+        client.first_contact().await?;
         Ok(client)
     }
 }
@@ -372,28 +372,20 @@ impl Client {
         self.inner.sequencer.ticket()
     }
 
-    /// Discovers until some member answers, within the deadline.
-    async fn await_first_contact(&self) -> Result<()> {
+    /// Asks every endpoint once, at the same time. Fails at once if none answers: retrying
+    /// does not start a cluster, and a person at a terminal wants to know now.
+    async fn first_contact(&self) -> Result<()> {
         let config = &self.inner.config;
-        let give_up = Instant::now() + config.deadline;
-        let mut tried: Vec<(String, String)> = Vec::new();
-        for retry in 0..config.retry.max_attempts.max(1) {
-            let found = self
-                .inner
-                .router
-                .discover(config.connect_timeout.min(config.request_timeout))
-                .await;
-            if found.answered > 0 {
-                return Ok(());
-            }
-            note_failures(&mut tried, found.failures);
-            let pause = config.retry.backoff(retry + 1);
-            if Instant::now() + pause >= give_up {
-                break;
-            }
-            tokio::time::sleep(pause).await;
+        let found = self
+            .inner
+            .router
+            .discover(config.connect_timeout.min(config.request_timeout))
+            .await;
+        if found.answered > 0 {
+            Ok(())
+        } else {
+            Err(unreachable(&found.failures))
         }
-        Err(unreachable(&tried))
     }
 
     /// The node the next attempt goes to; `Err(failures)` if none could be reached.

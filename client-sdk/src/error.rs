@@ -56,13 +56,12 @@ pub enum Error {
         /// joined by " / ".
         reason: String,
     },
-    /// Members answered, but none could serve the call: no leader is elected (an election is
-    /// under way or there is no quorum). Retried inside the deadline before it is returned.
-    #[error(
-        "the cluster has no leader: {message} (election under way, or no quorum? check `syncctl status`)"
-    )]
-    NoLeader {
-        /// The last answer's message.
+    /// Members answered UNAVAILABLE until the deadline: usually no leader is elected (an
+    /// election is under way, or there is no quorum), or the serving node was shutting down.
+    /// Retried inside the deadline before it is returned.
+    #[error("unavailable: {message}")]
+    ServerUnavailable {
+        /// The last answer's message, which says why.
         message: String,
     },
     /// DEADLINE_EXCEEDED, or the client's own deadline passed: for an Acquire, the wait for the
@@ -98,7 +97,7 @@ pub enum Error {
     },
     /// NOT_FOUND for a session: it does not exist, or it expired or was revoked, so every lock
     /// it held is gone. Open a new session.
-    #[error("session expired or unknown: {message}; open a new session")]
+    #[error("session expired or unknown: {message}")]
     SessionExpired {
         /// The server's message.
         message: String,
@@ -267,7 +266,7 @@ impl Error {
                 code: status.code(),
                 message: not_grpc_hint(message),
             },
-            Code::Unavailable => Error::NoLeader { message },
+            Code::Unavailable => Error::ServerUnavailable { message },
             Code::Unauthenticated => Error::Unauthenticated { message },
         }
     }
@@ -281,7 +280,7 @@ impl Error {
     /// ```
     pub fn code(&self) -> Option<Code> {
         Some(match self {
-            Error::Unavailable { .. } | Error::NoLeader { .. } => Code::Unavailable,
+            Error::Unavailable { .. } | Error::ServerUnavailable { .. } => Code::Unavailable,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::NotAcquired { .. } => return None,
             Error::Deadlock { .. } | Error::Aborted { .. } => Code::Aborted,
@@ -304,7 +303,10 @@ impl Error {
     /// True if the same call may succeed later: the cluster was unreachable or leaderless.
     /// (The client already retried inside the call's deadline before returning it.)
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::NoLeader { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::ServerUnavailable { .. }
+        )
     }
 
     /// True if a lock was not obtained because somebody else holds it: a refused try-lock

@@ -2,4 +2,6 @@
 //! folder.
 
 pub mod dev;
+pub mod lock;
+pub mod session;
 pub mod status;
