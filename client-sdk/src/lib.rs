@@ -50,6 +50,8 @@
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
 //! API does not cover yet.
 
+#![warn(missing_docs)]
+
 mod client;
 pub mod error;
 mod guard;

@@ -342,6 +342,37 @@ async fn a_revoked_session_fires_lost_and_watchers_see_the_lock_go() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_renew_is_lost_when_its_ttl_has_passed() {
+    scenario(3, Options::default(), LIMIT, async |c| {
+        c.wait_for_leader(Duration::from_secs(10)).await?;
+        let ttl = Duration::from_secs(3);
+        let session = client(c, "alice").await?.session(ttl).await?;
+        // Let a few renewals through, then freeze every node: connections stay open but
+        // nothing answers, so only the client's own clock can tell.
+        tokio::time::sleep(ttl).await;
+        ensure!(!session.is_lost());
+        for id in c.ids() {
+            c.sigstop(id)?;
+        }
+        let frozen = tokio::time::Instant::now();
+        tokio::time::timeout(ttl + Duration::from_secs(2), session.lost())
+            .await
+            .context("lost() did not fire after the TTL passed without a renewal")?;
+        let after = frozen.elapsed();
+        // The last confirmed renewal was sent at most TTL/3 before the freeze.
+        ensure!(
+            after >= ttl * 2 / 3 - Duration::from_millis(100),
+            "lost after {after:?}, before the TTL could have passed"
+        );
+        for id in c.ids() {
+            c.sigcont(id)?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_acquire_survives_the_leader_being_killed() {
     scenario(3, Options::default(), LIMIT, async |c| {
         let leader = c.wait_for_leader(Duration::from_secs(10)).await?;
