@@ -1,7 +1,7 @@
 //! # sync-client
 //!
-//! The Rust SDK of syncd: a leader-aware client for the cluster's replicated locks (queues and
-//! the cache follow as they land).
+//! The Rust SDK of syncd: a leader-aware client for the cluster's replicated locks and queues
+//! (the cache follows as it lands).
 //!
 //! ```no_run
 //! # async fn demo() -> sync_client::Result<()> {
@@ -45,6 +45,8 @@
 //!   release);
 //! - `locks.rs`: the lock table's types ([`LockState`], [`Holder`], [`SessionInfo`],
 //!   [`LockEvent`]) and its reads (get, list, validate a token, watch);
+//! - `queue.rs`: publishing ([`Client::publish`], [`OutgoingMessage`]), consuming
+//!   ([`Consumer`], [`Delivery`] with ack, nack, extend and [`Delivery::auto_extend`]);
 //! - `error.rs`: [`Error`].
 //!
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
@@ -57,6 +59,7 @@ pub mod error;
 mod guard;
 mod header;
 mod locks;
+mod queue;
 pub mod routing;
 mod session;
 
@@ -66,6 +69,7 @@ pub use guard::{LockGuard, LockRequest};
 pub use locks::{
     Holder, LockEvent, LockEventKind, LockMode, LockState, SessionInfo, WaitEdge, Waiter,
 };
+pub use queue::{AutoExtend, Consumer, Delivery, OutgoingMessage, Published, TopicStats};
 pub use session::{Session, SessionBuilder};
 
 /// The generated `sync.v1` clients and messages (Cluster, Lock, Queue, Cache).

@@ -1,0 +1,435 @@
+//! Queues: publishing, consuming under a visibility timeout, acknowledging.
+//!
+//! Every call goes through the client's retry loop. Publishes, acks and consumes carry a
+//! `RequestHeader`, so a retried publish stores its message once and a retried consume returns
+//! the same deliveries (the server's de-duplication table answers). Delivery is at least once:
+//! a message whose consumer dies before [`Delivery::ack`] is delivered again after its
+//! visibility timeout.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use sync_proto::sync::v1 as api;
+use sync_proto::sync::v1::queue_client::QueueClient;
+
+use crate::client::{CallSpec, Client};
+use crate::error::{CallKind, Result};
+
+/// A message to publish: a payload and its optional settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use sync_client::OutgoingMessage;
+///
+/// let m = OutgoingMessage::new("resize image 42")
+///     .ordering_key("user-7")
+///     .dedup_id("upload-42")
+///     .delay(Duration::from_secs(5))
+///     .attribute("priority", "high");
+/// assert_eq!(m.payload(), b"resize image 42".as_slice());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutgoingMessage {
+    entry: api::PublishEntry,
+}
+
+impl OutgoingMessage {
+    /// A message with this payload and no settings.
+    pub fn new(payload: impl Into<Bytes>) -> OutgoingMessage {
+        OutgoingMessage {
+            entry: api::PublishEntry {
+                payload: payload.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Messages with the same ordering key are delivered one at a time, in publish order.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.entry.ordering_key = key.into();
+        self
+    }
+
+    /// A repeat of this id within the topic's dedup window publishes nothing and returns the
+    /// first message's id.
+    pub fn dedup_id(mut self, id: impl Into<String>) -> Self {
+        self.entry.dedup_id = id.into();
+        self
+    }
+
+    /// Not deliverable before this delay has passed.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.entry.delay_ms = delay.as_millis() as u64;
+        self
+    }
+
+    /// An application attribute.
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.entry.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.entry.payload
+    }
+}
+
+impl<T: Into<Bytes>> From<T> for OutgoingMessage {
+    fn from(payload: T) -> Self {
+        OutgoingMessage::new(payload)
+    }
+}
+
+/// What publishing one message did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The message's id (for a de-duplicated publish, the earlier message's).
+    pub message_id: String,
+    /// True if the dedup id was seen within the window and nothing new was stored.
+    pub deduplicated: bool,
+}
+
+impl From<api::PublishResponse> for Published {
+    fn from(r: api::PublishResponse) -> Self {
+        Published {
+            message_id: r.message_id,
+            deduplicated: r.deduplicated,
+        }
+    }
+}
+
+/// One delivery of a message. Acknowledge it with [`Delivery::ack`] once handled; otherwise it
+/// is delivered again after its visibility timeout.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    client: Client,
+    topic: Arc<str>,
+    inner: api::Delivery,
+}
+
+impl Delivery {
+    /// The message's id.
+    pub fn message_id(&self) -> &str {
+        &self.inner.message_id
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.inner.payload
+    }
+
+    /// The application attributes (and the server's `sync.*` ones, e.g. on dead letters).
+    pub fn attributes(&self) -> &HashMap<String, String> {
+        &self.inner.attributes
+    }
+
+    /// The ordering key, empty if none.
+    pub fn ordering_key(&self) -> &str {
+        &self.inner.ordering_key
+    }
+
+    /// Which delivery of the message this is (1 for the first).
+    pub fn attempt(&self) -> u32 {
+        self.inner.delivery_attempt
+    }
+
+    /// The topic it came from.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The raw delivery.
+    pub fn raw(&self) -> &api::Delivery {
+        &self.inner
+    }
+
+    fn receipt(&self) -> Option<api::Receipt> {
+        Some(self.inner.receipt.clone().unwrap_or(api::Receipt {
+            message_id: self.inner.message_id.clone(),
+            delivery_attempt: self.inner.delivery_attempt,
+        }))
+    }
+
+    /// Acknowledges the delivery: the message is deleted. Fails with
+    /// [`Error::FailedPrecondition`](crate::Error::FailedPrecondition) if the message was
+    /// delivered again since (this consumer was too slow).
+    pub async fn ack(&self) -> Result<()> {
+        let ticket = self.client.ticket();
+        let request = api::AckRequest {
+            header: ticket.header(),
+            topic: self.topic.to_string(),
+            receipt: self.receipt(),
+        };
+        self.client
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).ack(r).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Gives the delivery back: the message becomes visible again after `delay`.
+    pub async fn nack(&self, delay: Duration) -> Result<()> {
+        let ticket = self.client.ticket();
+        let request = api::NackRequest {
+            header: ticket.header(),
+            topic: self.topic.to_string(),
+            receipt: self.receipt(),
+            delay_ms: delay.as_millis() as u64,
+        };
+        self.client
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).nack(r).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps the message invisible for `timeout` from now (a heartbeat for long jobs); returns
+    /// when it becomes visible again (Unix ms).
+    pub async fn extend(&self, timeout: Duration) -> Result<u64> {
+        let ticket = self.client.ticket();
+        let request = api::ExtendVisibilityRequest {
+            header: ticket.header(),
+            topic: self.topic.to_string(),
+            receipt: self.receipt(),
+            visibility_timeout_ms: timeout.as_millis() as u64,
+        };
+        let r = self
+            .client
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).extend_visibility(r).await
+            })
+            .await?;
+        Ok(r.visible_again_unix_ms)
+    }
+
+    /// Extends the visibility timeout to `timeout` every `timeout / 3` until the returned guard
+    /// is dropped: for a handler whose run time is unknown.
+    pub fn auto_extend(&self, timeout: Duration) -> AutoExtend {
+        let delivery = self.clone();
+        let every = (timeout / 3).max(Duration::from_millis(100));
+        AutoExtend(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if delivery.extend(timeout).await.is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+/// Stops extending a delivery's visibility when dropped (see [`Delivery::auto_extend`]).
+#[derive(Debug)]
+pub struct AutoExtend(tokio::task::JoinHandle<()>);
+
+impl Drop for AutoExtend {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How to consume a topic; made by [`Client::consumer`].
+#[derive(Clone, Debug)]
+pub struct Consumer {
+    client: Client,
+    topic: Arc<str>,
+    batch: u32,
+    visibility: Duration,
+    wait: Duration,
+}
+
+impl Consumer {
+    /// Up to this many messages per call (1 to 100; default 10).
+    pub fn batch(mut self, n: u32) -> Self {
+        self.batch = n.clamp(1, 100);
+        self
+    }
+
+    /// The visibility timeout of each delivery (default: the topic's).
+    pub fn visibility(mut self, timeout: Duration) -> Self {
+        self.visibility = timeout;
+        self
+    }
+
+    /// Long poll: how long one call waits for a message (default 5 s).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// One call: up to `batch` deliveries, waiting up to `wait` for the first.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for d in client.consumer("jobs").batch(32).receive().await? {
+    ///     println!("{}: {} bytes", d.message_id(), d.payload().len());
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn receive(&self) -> Result<Vec<Delivery>> {
+        let ticket = self.client.ticket();
+        let request = api::ConsumeRequest {
+            header: ticket.header(),
+            topic: self.topic.to_string(),
+            max_messages: self.batch,
+            visibility_timeout_ms: self.visibility.as_millis() as u64,
+            wait_time_ms: self.wait.as_millis() as u64,
+        };
+        let mut spec = CallSpec::write(CallKind::Other);
+        spec.wait = self.wait;
+        let r = self
+            .client
+            .unary(spec, request, |ch, r| async move {
+                QueueClient::new(ch).consume(r).await
+            })
+            .await?;
+        Ok(r.deliveries
+            .into_iter()
+            .map(|inner| Delivery {
+                client: self.client.clone(),
+                topic: self.topic.clone(),
+                inner,
+            })
+            .collect())
+    }
+
+    /// Deliveries as a stream: long polls one after another, forever (until dropped). An
+    /// error ends nothing: it is yielded, and the next poll follows.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use futures::StreamExt;
+    /// let mut deliveries = Box::pin(client.consumer("jobs").stream());
+    /// while let Some(d) = deliveries.next().await {
+    ///     let d = d?;
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn stream(self) -> impl Stream<Item = Result<Delivery>> {
+        futures::stream::unfold(
+            (self, std::collections::VecDeque::new()),
+            |(consumer, mut buffered)| async move {
+                loop {
+                    if let Some(d) = buffered.pop_front() {
+                        return Some((Ok(d), (consumer, buffered)));
+                    }
+                    match consumer.receive().await {
+                        Ok(batch) => buffered.extend(batch),
+                        Err(e) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            return Some((Err(e), (consumer, buffered)));
+                        }
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// A topic's counts, as `Stats` reports them.
+pub type TopicStats = api::QueueStatsResponse;
+
+impl Client {
+    /// Publishes one message to `topic` (created with default settings if missing and the
+    /// server auto-creates topics); returns once it is committed on a majority.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use sync_client::OutgoingMessage;
+    /// let p = client.publish("jobs", OutgoingMessage::new("resize 42").ordering_key("user-7")).await?;
+    /// println!("published {}", p.message_id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish(
+        &self,
+        topic: &str,
+        message: impl Into<OutgoingMessage>,
+    ) -> Result<Published> {
+        let e = message.into().entry;
+        let ticket = self.ticket();
+        let request = api::PublishRequest {
+            header: ticket.header(),
+            topic: topic.to_owned(),
+            payload: e.payload,
+            dedup_id: e.dedup_id,
+            delay_ms: e.delay_ms,
+            attributes: e.attributes,
+            ordering_key: e.ordering_key,
+        };
+        let r = self
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).publish(r).await
+            })
+            .await?;
+        Ok(r.into())
+    }
+
+    /// Publishes up to 1 000 messages atomically (all or none), in order.
+    pub async fn publish_batch<M: Into<OutgoingMessage>>(
+        &self,
+        topic: &str,
+        messages: impl IntoIterator<Item = M>,
+    ) -> Result<Vec<Published>> {
+        let ticket = self.ticket();
+        let request = api::PublishBatchRequest {
+            header: ticket.header(),
+            topic: topic.to_owned(),
+            messages: messages.into_iter().map(|m| m.into().entry).collect(),
+        };
+        let r = self
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).publish_batch(r).await
+            })
+            .await?;
+        Ok(r.results.into_iter().map(Published::from).collect())
+    }
+
+    /// A consumer of `topic`: set its batch size, visibility timeout and long-poll wait, then
+    /// [`Consumer::receive`] or [`Consumer::stream`].
+    pub fn consumer(&self, topic: &str) -> Consumer {
+        Consumer {
+            client: self.clone(),
+            topic: Arc::from(topic),
+            batch: 10,
+            visibility: Duration::ZERO,
+            wait: Duration::from_secs(5),
+        }
+    }
+
+    /// Creates a topic with `settings` (zero fields take the defaults); true if it was created,
+    /// false if it existed with the same settings.
+    pub async fn create_topic(&self, name: &str, settings: api::TopicSettings) -> Result<bool> {
+        let ticket = self.ticket();
+        let request = api::CreateTopicRequest {
+            header: ticket.header(),
+            name: name.to_owned(),
+            settings: Some(settings),
+        };
+        let r = self
+            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
+                QueueClient::new(ch).create_topic(r).await
+            })
+            .await?;
+        Ok(r.created)
+    }
+
+    /// A topic's counts (visible, in flight, delayed, dead-lettered, oldest age, rates) and
+    /// owner.
+    pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats> {
+        let request = api::QueueStatsRequest {
+            topic: topic.to_owned(),
+        };
+        self.unary(CallSpec::read(self), request, |ch, r| async move {
+            QueueClient::new(ch).stats(r).await
+        })
+        .await
+    }
+}
