@@ -258,7 +258,15 @@ impl Error {
             Code::ResourceExhausted => Error::ResourceExhausted { message },
             Code::FailedPrecondition if kind == CallKind::Release => Error::NotHeld { message },
             Code::FailedPrecondition => Error::FailedPrecondition { message },
-            Code::Aborted if kind == CallKind::Acquire => Error::Deadlock { message },
+            Code::Aborted
+                if kind == CallKind::Acquire
+                    && status
+                        .metadata()
+                        .get("x-sync-error-reason")
+                        .is_some_and(|v| v.as_bytes() == b"deadlock") =>
+            {
+                Error::Deadlock { message }
+            }
             Code::Aborted => Error::Aborted { message },
             Code::OutOfRange => Error::OutOfRange { message },
             Code::Unimplemented => Error::Unimplemented { message },

@@ -30,6 +30,10 @@ use ipb::LockErrorCode as Code;
 use ipb::lock_command::Op;
 use ipb::lock_result::Result as R;
 
+/// Trailer naming why a call failed, where the status code alone is ambiguous (`deadlock` on
+/// ABORTED).
+pub const ERROR_REASON: &str = "x-sync-error-reason";
+
 /// Page size when a list request gives none.
 const DEFAULT_PAGE: usize = 1_000;
 /// Largest page.
@@ -56,7 +60,13 @@ pub fn status_of_lock_error(e: &ipb::LockError) -> Status {
         Code::InvalidArgument => Status::invalid_argument(message),
         Code::NotFound => Status::not_found(message),
         Code::FailedPrecondition => Status::failed_precondition(message),
-        Code::Aborted => Status::aborted(message),
+        Code::Aborted => {
+            // ABORTED also means "request too old to de-duplicate" and "watcher fell behind";
+            // a machine-readable reason lets clients tell a deadlock apart.
+            let mut md = MetadataMap::new();
+            md.insert(ERROR_REASON, tonic::metadata::MetadataValue::from_static("deadlock"));
+            Status::with_metadata(tonic::Code::Aborted, message, md)
+        }
         Code::DeadlineExceeded => Status::deadline_exceeded(message),
         Code::ResourceExhausted => Status::resource_exhausted(message),
         Code::Cancelled => Status::cancelled(message),
