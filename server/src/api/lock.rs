@@ -34,6 +34,11 @@ use ipb::lock_result::Result as R;
 /// ABORTED).
 pub const ERROR_REASON: &str = "x-sync-error-reason";
 
+/// Deadline of one renewal from a KeepAlive stream (which carries no per-message deadline):
+/// short, so that a hung leader is noticed well within a short TTL and the client reopens the
+/// stream elsewhere.
+const STREAM_RENEW_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Page size when a list request gives none.
 const DEFAULT_PAGE: usize = 1_000;
 /// Largest page.
@@ -64,7 +69,10 @@ pub fn status_of_lock_error(e: &ipb::LockError) -> Status {
             // ABORTED also means "request too old to de-duplicate" and "watcher fell behind";
             // a machine-readable reason lets clients tell a deadlock apart.
             let mut md = MetadataMap::new();
-            md.insert(ERROR_REASON, tonic::metadata::MetadataValue::from_static("deadlock"));
+            md.insert(
+                ERROR_REASON,
+                tonic::metadata::MetadataValue::from_static("deadlock"),
+            );
             Status::with_metadata(tonic::Code::Aborted, message, md)
         }
         Code::DeadlineExceeded => Status::deadline_exceeded(message),
@@ -335,7 +343,7 @@ impl api::lock_server::Lock for LockService {
         let service = LockService { node, forwarder };
         let stream = async_stream::try_stream! {
             while let Some(req) = inbound.message().await? {
-                let answer = service.renew(req.session_id, &MetadataMap::new()).await;
+                let answer = service.renew(req.session_id, &MetadataMap::new(), STREAM_RENEW_DEADLINE).await;
                 match answer {
                     Ok(ttl_ms) => yield api::KeepAliveResponse { session_id: req.session_id, ttl_ms },
                     Err(s) if s.code() == tonic::Code::NotFound => {
@@ -353,7 +361,8 @@ impl api::lock_server::Lock for LockService {
         request: Request<api::KeepAliveRequest>,
     ) -> Result<Response<api::KeepAliveResponse>, Status> {
         let session_id = request.get_ref().session_id;
-        let ttl_ms = self.renew(session_id, request.metadata()).await?;
+        let deadline = deadline_of(request.metadata());
+        let ttl_ms = self.renew(session_id, request.metadata(), deadline).await?;
         Ok(Response::new(api::KeepAliveResponse { session_id, ttl_ms }))
     }
 
@@ -624,8 +633,12 @@ impl api::lock_server::Lock for LockService {
 
 impl LockService {
     /// Renews a session (forwarding to the leader if need be); returns its TTL.
-    async fn renew(&self, session_id: u64, md: &MetadataMap) -> Result<u64, Status> {
-        let deadline = deadline_of(md);
+    async fn renew(
+        &self,
+        session_id: u64,
+        md: &MetadataMap,
+        deadline: Duration,
+    ) -> Result<u64, Status> {
         let req = api::KeepAliveRequest { session_id };
         if let Route::Forward(addr) = route(&self.node, md)? {
             return self
