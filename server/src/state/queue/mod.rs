@@ -61,7 +61,7 @@ use sync_proto::internal::v1 as ipb;
 
 pub use error::QueueError;
 pub use message::{Message, Status};
-pub use publish::message_id;
+pub use publish::{message_id, precheck_batch};
 pub use snapshot::RestoreError;
 
 use limits::{DEFAULT_LIST_PAGE_SIZE, MAX_LIST_PAGE_SIZE, validate_topic_name};

@@ -15,9 +15,9 @@ use sync_proto::internal::v1 as ipb;
 use super::QueueState;
 use super::error::QueueError;
 use super::limits::{
-    MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTES, MAX_DEDUP_ID_BYTES, MAX_ORDERING_KEY_BYTES,
-    MAX_PUBLISH_BATCH, MAX_PUBLISH_BATCH_BYTES, MAX_PUBLISH_DELAY_MS, RESERVED_ATTRIBUTE_PREFIX,
-    check_at_most, check_len, fill_settings, validate_topic_name,
+    MAX_ATTRIBUTE_KEY_BYTES, MAX_ATTRIBUTES, MAX_DEDUP_ID_BYTES, MAX_MESSAGE_BYTES_LIMIT,
+    MAX_ORDERING_KEY_BYTES, MAX_PUBLISH_BATCH, MAX_PUBLISH_BATCH_BYTES, MAX_PUBLISH_DELAY_MS,
+    RESERVED_ATTRIBUTE_PREFIX, check_at_most, check_len, fill_settings, validate_topic_name,
 };
 use super::message::{Message, Status, message_size};
 
@@ -91,6 +91,37 @@ fn check_entry<'a>(
     })
 }
 
+/// Checks the batch's length: 1 to [`MAX_PUBLISH_BATCH`] entries.
+fn check_batch_len(entries: usize) -> Result<(), QueueError> {
+    if entries == 0 {
+        return Err(QueueError::invalid(
+            "the publish has no messages; send 1 to 1000",
+        ));
+    }
+    check_at_most(
+        "the number of messages in the batch",
+        entries as u64,
+        MAX_PUBLISH_BATCH as u64,
+    )
+}
+
+/// Checks a batch against every limit that does not depend on its topic (an entry's size is
+/// held to the largest `max_message_bytes` a topic may set, not to its topic's own). The Queue
+/// service runs it before proposing, so that a publish bound to be refused costs no log entry;
+/// [`QueueState::apply`] checks everything again.
+pub fn precheck_batch(entries: &[ipb::QueuePublishEntry]) -> Result<(), QueueError> {
+    check_batch_len(entries.len())?;
+    let widest = ipb::QueueTopicSettings {
+        max_message_bytes: MAX_MESSAGE_BYTES_LIMIT,
+        ..Default::default()
+    };
+    let mut bytes = 0u64;
+    for (position, e) in entries.iter().enumerate() {
+        bytes += check_entry(position, e, &widest)?.size;
+    }
+    check_at_most("the batch's size in bytes", bytes, MAX_PUBLISH_BATCH_BYTES)
+}
+
 impl QueueState {
     /// Publishes a batch atomically (see the module docs).
     pub(super) fn publish(
@@ -100,16 +131,7 @@ impl QueueState {
         cmd: &ipb::QueuePublish,
     ) -> Result<ipb::QueuePublishResult, QueueError> {
         validate_topic_name("topic", &cmd.topic)?;
-        if cmd.entries.is_empty() {
-            return Err(QueueError::invalid(
-                "the publish has no messages; send 1 to 1000",
-            ));
-        }
-        check_at_most(
-            "the number of messages in the batch",
-            cmd.entries.len() as u64,
-            MAX_PUBLISH_BATCH as u64,
-        )?;
+        check_batch_len(cmd.entries.len())?;
         let topic = self.topics.get(&cmd.topic);
         let settings = match topic {
             Some(t) => t.settings.clone(),
