@@ -16,6 +16,7 @@ pub mod api;
 pub mod cache;
 pub mod metrics;
 pub mod node;
+pub mod queue;
 pub mod raft;
 pub mod server;
 pub mod state;
