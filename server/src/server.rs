@@ -15,6 +15,7 @@ use sync_proto::raft::v1::raft_server::RaftServer;
 use sync_proto::sync::v1::cluster_server::ClusterServer;
 use sync_proto::sync::v1::kv_server::KvServer;
 use sync_proto::sync::v1::lock_server::LockServer;
+use sync_proto::sync::v1::queue_server::QueueServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -23,6 +24,7 @@ use crate::api::Forwarder;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::lock::LockService;
+use crate::api::queue::{MAX_GRPC_MESSAGE, QueueService};
 use crate::metrics::{self, GrpcMetricsLayer, HealthReport};
 use crate::node::config::Settings;
 use crate::node::driver::NodeStatus;
@@ -33,7 +35,12 @@ use crate::node::{self, NodeError, StartError};
 pub const HEALTH_MAX_APPLY_LAG: u64 = 1000;
 
 /// The public services whose health is reported.
-const SERVICES: [&str; 3] = ["sync.v1.Cluster", "sync.v1.Kv", "sync.v1.Lock"];
+const SERVICES: [&str; 4] = [
+    "sync.v1.Cluster",
+    "sync.v1.Kv",
+    "sync.v1.Lock",
+    "sync.v1.Queue",
+];
 
 /// Why a node stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +181,11 @@ pub async fn serve(
             node: node.clone(),
             forwarder: forwarder.clone(),
         }))
+        .add_service(
+            QueueServer::new(QueueService::new(node.clone(), forwarder.clone()))
+                .max_decoding_message_size(MAX_GRPC_MESSAGE)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE),
+        )
         .add_service(KvServer::new(KvService {
             node: node.clone(),
             forwarder,

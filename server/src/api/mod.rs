@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod kv;
 pub mod lock;
+pub mod queue;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
