@@ -30,6 +30,7 @@ mod binary;
 pub mod harness;
 pub mod locks;
 pub mod proxy;
+pub mod queues;
 pub mod wait;
 pub mod workload;
 
