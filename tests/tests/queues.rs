@@ -672,12 +672,20 @@ async fn dead_letters_keep_their_history_and_redrive_brings_them_back_and_refusa
             },
         )
         .await?;
+        let first_published = Instant::now();
         for i in 0..2 {
             u.publish(message(small, &format!("{i}")), WITHIN).await?;
         }
         let full = u.publish(message(small, "2"), WITHIN).await.map(|_| ());
         ensure!(code(full) == Some(Code::ResourceExhausted));
-        ensure!(u.stats(small, WITHIN).await?.visible == 2);
+        // Stats: the oldest message ages while nothing is written.
+        tokio::time::sleep(ms(500)).await;
+        let s = u.stats(small, WITHIN).await?;
+        let age = first_published.elapsed().saturating_sub(ms(100));
+        ensure!(
+            s.visible == 2 && s.oldest_age_ms >= age.as_millis() as u64 && s.publish_rate > 0.0,
+            "{s:?}"
+        );
 
         // Reads: a follower's stale list and the leader's linearizable one agree.
         for consistency in [api::Consistency::Stale, api::Consistency::Linearizable] {

@@ -45,6 +45,7 @@ use super::{
     not_leader, route, status_of, was_forwarded,
 };
 use crate::node::NodeHandle;
+use crate::node::driver::now_unix_ms;
 use crate::queue::owner::{Claims, Owner, Ownership, Wake, wait_applied, wait_for_work};
 use crate::queue::rates::{RateTracker, SAMPLE_EVERY, Sample};
 use crate::state::ReplicatedState;
@@ -1062,9 +1063,18 @@ impl api::queue_server::Queue for QueueService {
             published: totals.published,
             acked: totals.acked,
         };
-        let age = created.map(|c| Duration::from_millis(clock.saturating_sub(c)));
+        // The replica's clock is the last applied entry's leader time, which stands still while
+        // nothing is written: ages are counted to this node's clock instead, never less.
+        let wall = now_unix_ms().max(clock);
+        let age = created.map(|c| Duration::from_millis(wall.saturating_sub(c)));
         let rates = self.rates.rates(&topic, now, age);
         self.rates.observe(&topic, now);
+        let held = stats.visible + stats.in_flight + stats.delayed > 0;
+        let oldest_age_ms = if held {
+            stats.oldest_age_ms + (wall - clock)
+        } else {
+            0
+        };
         let owner = self.ownership.owner(&self.node.status(), &topic);
         Ok(Response::new(api::QueueStatsResponse {
             topic,
@@ -1072,7 +1082,7 @@ impl api::queue_server::Queue for QueueService {
             in_flight: stats.in_flight,
             delayed: stats.delayed,
             dead_lettered: totals.dead_lettered,
-            oldest_age_ms: stats.oldest_age_ms,
+            oldest_age_ms,
             bytes: stats.bytes,
             publish_rate: rates.publish,
             ack_rate: rates.ack,
