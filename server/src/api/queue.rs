@@ -504,17 +504,17 @@ impl QueueService {
         let until = Instant::now() + wait;
         // Subscribed before the first look, so no notice between the look and the wait is lost.
         let mut notices = self.node.notices();
-        let (claim, ready) = loop {
+        let claim = loop {
             let ready = self.ready_here(&req.topic).await?;
             if let Some(claim) = self.claims.claim(&req.topic, ready.unwrap_or(0), max) {
-                break (Some(claim), ready);
+                break Some(claim);
             }
             if Instant::now() >= until {
-                break (None, ready);
+                break None;
             }
             match wait_for_work(&mut notices, &req.topic, until).await {
                 Wake::Look => {}
-                Wake::Deadline => break (None, self.ready_here(&req.topic).await?),
+                Wake::Deadline => break None,
                 Wake::Closed => {
                     return Err(Status::unavailable(
                         "the node is shutting down; retry the Consume with the same request \
@@ -523,13 +523,12 @@ impl QueueService {
                 }
             }
         };
-        // Nothing to hand out: skip the write, unless it creates the topic or a retried request
-        // may be owed the deliveries of its first attempt (they are in the dedup table).
-        if claim.is_none() && ready.is_some() && req.header.is_none_or(|h| h.client_id == 0) {
-            return Ok(api::ConsumeResponse::default());
-        }
+        // Deliver even when this replica shows nothing ready: it may trail the leader (a publish
+        // acknowledged just before this call), a missing topic is created by the delivery, and a
+        // retried request is owed its first attempt's deliveries from the dedup table.
         let (deliveries, index) = self.deliver(&req, "", end).await?;
-        if let (Some(_), Some(index)) = (&claim, index) {
+        // Until this replica shows the deliveries, other waiters here would count them as ready.
+        if let Some(index) = index.filter(|_| !deliveries.is_empty()) {
             wait_applied(&self.node, index, APPLY_WAIT).await;
         }
         drop(claim);
@@ -586,7 +585,9 @@ impl QueueService {
                     match self.deliver(&consume, &tag, end).await {
                         Ok((deliveries, index)) => {
                             known = true;
-                            if let Some(index) = index {
+                            // Until this replica shows them, they count neither as used credit
+                            // nor as gone from the ready messages.
+                            if let Some(index) = index.filter(|_| !deliveries.is_empty()) {
                                 wait_applied(&self.node, index, APPLY_WAIT).await;
                             }
                             drop(claim);
