@@ -1,5 +1,5 @@
-//! Generates the etcd v3 client used by `syncctl bench raw --compare-etcd`, from the subset of
-//! etcd's API vendored under `proto/etcd/`, with the protoc binary shipped by
+//! Generates the etcd v3 client used by `syncctl bench raw|locks --compare-etcd`, from the
+//! subset of etcd's API vendored under `proto/etcd/`, with the protoc binary shipped by
 //! `protoc-bin-vendored` (so a fresh machine needs no system protoc). syncd's own protos come
 //! compiled from the `sync-proto` crate.
 
@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         root.join("etcdserverpb/rpc.proto"),
         root.join("mvccpb/kv.proto"),
+        root.join("v3lockpb/v3lock.proto"),
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());

@@ -102,13 +102,14 @@ Examples:
     )]
     Dev(DevCommand),
 
-    /// Measure the cluster's write throughput and latency.
+    /// Measure the cluster's throughput and latency: replicated writes, locks.
     #[command(
         subcommand,
         after_help = "\
 Examples:
   syncctl bench raw --clients 64 --duration 10s
-  syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379"
+  syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379
+  syncctl bench locks --clients 16 --duration 10s --contended --compare-etcd http://127.0.0.1:2379"
     )]
     Bench(BenchCommand),
 
@@ -418,11 +419,31 @@ Examples:
   syncctl bench raw --clients 1 --duration 10s --output json
   syncctl bench raw --clients 64 --duration 10s --compare-etcd http://127.0.0.1:2379")]
     Raw(BenchRawArgs),
+
+    /// Closed-loop lock load on the leader: N clients, each with its own session, looping
+    /// Acquire (exclusive) then Release.
+    ///
+    /// Uncontended (the default), each client has a lock of its own and an operation is one
+    /// Acquire plus one Release, timed together. With --contended every client loops on ONE
+    /// lock: an operation is a hand-off (the client waits in the lock's FIFO queue, is granted
+    /// the lock, releases it), throughput is hand-offs per second and the latency is the wait
+    /// for the grant. Sessions are created before the clock starts, with a TTL that outlives the
+    /// run. With --compare-etcd the same workload then runs against etcd's lock API
+    /// (v3lockpb.Lock/Lock with one lease per client, then Lock/Unlock), and the ratios are
+    /// printed.
+    #[command(after_help = "\
+Examples:
+  syncctl bench locks --clients 16 --duration 10s
+  syncctl bench locks --clients 16 --duration 10s --contended
+  syncctl bench locks --clients 1 --duration 10s --output json
+  syncctl bench locks --clients 64 --duration 10s --compare-etcd http://127.0.0.1:2379")]
+    Locks(BenchLocksArgs),
 }
 
+/// The flags every closed-loop benchmark shares.
 #[derive(Args, Debug, Clone)]
-pub struct BenchRawArgs {
-    /// Concurrent clients, each with one put in flight.
+pub struct BenchLoadArgs {
+    /// Concurrent clients, each with one request in flight.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub clients: u32,
 
@@ -434,10 +455,6 @@ pub struct BenchRawArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
 
-    /// Bytes per value (syncd accepts at most 1 MiB).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
-    pub value_size: u32,
-
     /// HTTP/2 connections the clients share (client i uses connection i mod N).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub connections: u32,
@@ -445,6 +462,26 @@ pub struct BenchRawArgs {
     /// Also run the workload against this etcd cluster (comma-separated URLs) and compare.
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', value_parser = parse_endpoint)]
     pub compare_etcd: Option<Vec<Endpoint>>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchRawArgs {
+    #[command(flatten)]
+    pub load: BenchLoadArgs,
+
+    /// Bytes per value (syncd accepts at most 1 MiB).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub value_size: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchLocksArgs {
+    #[command(flatten)]
+    pub load: BenchLoadArgs,
+
+    /// All clients take turns on one lock (hand-offs) instead of each using its own.
+    #[arg(long)]
+    pub contended: bool,
 }
 
 impl Cli {
@@ -625,12 +662,13 @@ mod tests {
         let Command::Bench(BenchCommand::Raw(raw)) = &cli.command else {
             panic!("parsed {:?}", cli.command);
         };
-        assert_eq!(raw.clients, 64);
-        assert_eq!(raw.duration, Duration::from_secs(10));
+        assert_eq!(raw.load.clients, 64);
+        assert_eq!(raw.load.duration, Duration::from_secs(10));
         assert_eq!(raw.value_size, 1024);
-        assert_eq!(raw.connections, 1);
-        assert_eq!(raw.warmup, Duration::from_secs(1));
+        assert_eq!(raw.load.connections, 1);
+        assert_eq!(raw.load.warmup, Duration::from_secs(1));
         let etcd: Vec<_> = raw
+            .load
             .compare_etcd
             .iter()
             .flatten()
@@ -640,12 +678,32 @@ mod tests {
     }
 
     #[test]
-    fn bench_raw_rejects_nonsense() {
+    fn bench_locks_flags() {
+        let cli = parse(&["bench", "locks", "--clients", "16", "--contended"]).unwrap();
+        let Command::Bench(BenchCommand::Locks(locks)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert!(locks.contended);
+        assert_eq!(locks.load.clients, 16);
+        assert_eq!(locks.load.duration, Duration::from_secs(10));
+        assert!(locks.load.compare_etcd.is_none());
+        let cli = parse(&["bench", "locks"]).unwrap();
+        let Command::Bench(BenchCommand::Locks(locks)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert!(!locks.contended);
+    }
+
+    #[test]
+    fn bench_rejects_nonsense() {
         for args in [
             &["bench", "raw", "--clients", "0"][..],
             &["bench", "raw", "--duration", "0s"],
             &["bench", "raw", "--duration", "ten"],
             &["bench", "raw", "--value-size", "2000000"],
+            &["bench", "locks", "--clients", "0"],
+            &["bench", "locks", "--value-size", "10"],
+            &["bench", "locks", "--compare-etcd", "not an endpoint"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

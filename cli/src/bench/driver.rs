@@ -1,19 +1,22 @@
-//! The closed-loop load driver, the same for every target (syncd, etcd).
+//! The closed-loop load driver, the same for every workload (puts, locks) and every target
+//! (syncd, etcd).
 //!
-//! N clients, each a tokio task with one put in flight: it sends a put, waits for the answer,
-//! and only then sends the next one, until the phase's deadline. Every put writes a new key
-//! (`PREFIX/CLIENT/SEQUENCE`) with the same value, so no two writes of a run touch the same key.
+//! N clients, each a tokio task with one operation in flight: it runs an operation, waits for
+//! its end, and only then starts the next one, until the phase's deadline. What an operation is
+//! belongs to the workload (`raw.rs`: one put of a new key; `locks.rs`: an acquire and a
+//! release), and so does what is timed: an operation reports the latency of its timed part
+//! (for a put, from handing the request to the target until the answer is back in the task;
+//! for a contended lock, the wait for the grant). Each client records its latencies in its own
+//! histogram (no shared lock on the hot path); they are merged when the phase ends.
 //!
-//! What is timed, per put: from just before the client hands the request to the target's
-//! `put` (the request is encoded, sent over the HTTP/2 connection, replicated and made durable
-//! by the server, answered, decoded) to the moment the answer is back in the task, including
-//! any redirect to a new leader. Building the key is outside the timed span; so is the pause
-//! after an error. Each client records its latencies in its own histogram (no shared lock on
-//! the hot path); they are merged when the phase ends.
+//! Throughput is the number of successful operations divided by the phase's wall time,
+//! measured from the common start signal to the moment the last client finished its last
+//! operation. An operation begun before the deadline is allowed to finish and counts; none
+//! begins after it.
 //!
-//! Throughput is the number of acknowledged puts divided by the phase's wall time, measured
-//! from the common start signal to the moment the last client finished its last put. A put
-//! begun before the deadline is allowed to finish and counts; none begins after it.
+//! The clients (workers) are created by the caller, before the clock starts (a lock client's
+//! session is opened then), and handed back after the phase, so that the warm-up and the
+//! measured phase run the same clients.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use tokio::sync::watch;
@@ -29,105 +31,86 @@ use tokio::time::{Instant, sleep};
 
 /// The largest latency recorded exactly (60 s, in microseconds); longer ones are clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;
-/// Pause after a failed put before the client tries its next one, so that an outage produces
-/// a trickle of errors rather than a busy loop.
+/// Pause after a failed operation before the client tries its next one, so that an outage
+/// produces a trickle of errors rather than a busy loop.
 const ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 
-/// A system under test.
-pub trait Target: Send + Sync + 'static {
-    type Worker: Worker;
-
-    /// A new client, with its own identity (for syncd: its own RequestHeader client id).
-    /// `index` picks which of the shared connections it uses.
-    fn worker(&self, index: usize) -> Self::Worker;
-
-    /// The member the clients send to now (after any redirect), `host:port`.
-    fn endpoint(&self) -> String;
-
-    /// Reads a key back, linearizably, for the check after the run.
-    fn read_back(&self, key: Bytes) -> impl Future<Output = Result<Option<Bytes>, String>> + Send;
-}
-
-/// One client's connection to the target.
+/// One benchmark client: its connection to the target and its own identity there.
 pub trait Worker: Send + 'static {
-    /// Writes `key = value` and returns once the target acknowledged it (or gave up).
-    fn put(&mut self, key: Bytes, value: Bytes) -> impl Future<Output = PutOutcome> + Send;
+    /// Runs one operation; on success, returns the latency of its timed part.
+    fn op(&mut self) -> impl Future<Output = Call<Duration>> + Send;
 }
 
-/// The outcome of one logical put.
+/// The outcome of one logical call (or operation) to a target.
 #[derive(Debug)]
-pub struct PutOutcome {
-    /// `Err` holds why the put failed, in words.
-    pub result: Result<(), String>,
+pub struct Call<T> {
+    /// `Err` holds why it failed, in words.
+    pub result: Result<T, String>,
     /// Attempts after the first: redirects to a new leader, retries after UNAVAILABLE.
     pub retries: u32,
 }
 
-/// What one phase runs.
-pub struct Workload {
-    pub clients: usize,
-    pub duration: Duration,
-    /// The value of every put; shared, never copied.
-    pub value: Bytes,
-    /// Keys are `PREFIX/CLIENT/SEQUENCE`; the prefix names the run and the phase.
-    pub key_prefix: String,
+impl<T> Call<T> {
+    /// A call that needed no retry.
+    pub fn once(result: Result<T, String>) -> Self {
+        Call { result, retries: 0 }
+    }
+
+    /// Checks or converts a successful answer; the retries stay counted.
+    pub fn and_then<U>(self, f: impl FnOnce(T) -> Result<U, String>) -> Call<U> {
+        Call {
+            result: self.result.and_then(f),
+            retries: self.retries,
+        }
+    }
 }
 
 /// The merged result of one phase.
 pub struct PhaseResult {
-    /// Latency of each acknowledged put, in microseconds.
+    /// Latency of each successful operation, in microseconds.
     pub histogram: Histogram<u64>,
-    /// Acknowledged puts.
+    /// Successful operations.
     pub ops: u64,
-    /// Puts that failed.
+    /// Operations that failed.
     pub errors: u64,
     pub retries: u64,
     /// From the start signal until the last client finished.
     pub elapsed: Duration,
     pub first_error: Option<String>,
-    /// The last key each client wrote successfully: what the read-back check reads.
-    pub last_keys: Vec<Bytes>,
 }
 
 /// What one client brings back.
-struct ClientResult {
+struct ClientResult<W> {
+    worker: W,
     histogram: Histogram<u64>,
     ops: u64,
     errors: u64,
     retries: u64,
     first_error: Option<String>,
-    last_key: Option<Bytes>,
     finished: Instant,
 }
 
-/// The key of put number `sequence` of client `client`.
-pub fn key(prefix: &str, client: usize, sequence: u64) -> Bytes {
-    Bytes::from(format!("{prefix}/{client:05}/{sequence:010}"))
-}
-
-/// Runs one phase: all clients start together, run until `workload.duration` has passed, and
-/// their results are merged. `progress` (possibly hidden) shows the elapsed time and the rate.
-pub async fn run<T: Target>(
-    target: &T,
-    workload: &Workload,
+/// Runs one phase: all `workers` start together, run until `duration` has passed, and their
+/// results are merged; the workers are handed back in their order. `progress` (possibly
+/// hidden) shows the elapsed time and the rate of `unit`s (e.g. "puts").
+pub async fn run<W: Worker>(
+    workers: Vec<W>,
+    duration: Duration,
+    unit: &'static str,
     progress: &ProgressBar,
-) -> anyhow::Result<PhaseResult> {
+) -> anyhow::Result<(PhaseResult, Vec<W>)> {
     let empty = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)
         .context("cannot create a latency histogram")?;
-    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
     let (start_tx, start_rx) = watch::channel(None::<Instant>);
 
-    let mut clients = Vec::with_capacity(workload.clients);
-    for index in 0..workload.clients {
-        let mut worker = target.worker(index);
+    let mut clients = Vec::with_capacity(workers.len());
+    for mut worker in workers {
         let mut start_rx = start_rx.clone();
         let mut histogram = empty.clone();
-        let acked = Arc::clone(&acked);
-        let value = workload.value.clone();
-        let prefix = workload.key_prefix.clone();
-        let duration = workload.duration;
+        let done = Arc::clone(&done);
         clients.push(tokio::spawn(async move {
             // Every client waits for the same start instant, so that spawning 1,000 tasks
             // does not stagger the load.
@@ -138,22 +121,15 @@ pub async fn run<T: Target>(
             let deadline = start + duration;
             let (mut ops, mut errors, mut retries) = (0u64, 0u64, 0u64);
             let mut first_error = None;
-            let mut last_key = None;
-            let mut sequence = 0u64;
             while Instant::now() < deadline {
-                sequence += 1;
-                let key = key(&prefix, index, sequence);
-                let sent = Instant::now();
-                let outcome = worker.put(key.clone(), value.clone()).await;
-                let latency = sent.elapsed();
+                let outcome = worker.op().await;
                 retries += u64::from(outcome.retries);
                 match outcome.result {
-                    Ok(()) => {
+                    Ok(latency) => {
                         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                         histogram.saturating_record(us.max(1));
                         ops += 1;
-                        last_key = Some(key);
-                        acked.fetch_add(1, Ordering::Relaxed);
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(reason) => {
                         errors += 1;
@@ -163,12 +139,12 @@ pub async fn run<T: Target>(
                 }
             }
             ClientResult {
+                worker,
                 histogram,
                 ops,
                 errors,
                 retries,
                 first_error,
-                last_key,
                 finished: Instant::now(),
             }
         }));
@@ -179,8 +155,9 @@ pub async fn run<T: Target>(
     let ticker = tokio::spawn(tick_progress(
         progress.clone(),
         start,
-        workload.duration,
-        Arc::clone(&acked),
+        duration,
+        unit,
+        Arc::clone(&done),
     ));
 
     let mut merged = PhaseResult {
@@ -190,8 +167,8 @@ pub async fn run<T: Target>(
         retries: 0,
         elapsed: Duration::ZERO,
         first_error: None,
-        last_keys: Vec::new(),
     };
+    let mut workers = Vec::with_capacity(clients.len());
     let mut finished = start;
     for client in clients {
         let result = client.await.context("a benchmark client panicked")?;
@@ -205,13 +182,13 @@ pub async fn run<T: Target>(
         if merged.first_error.is_none() {
             merged.first_error = result.first_error;
         }
-        merged.last_keys.extend(result.last_key);
         finished = finished.max(result.finished);
+        workers.push(result.worker);
     }
     ticker.abort();
     progress.finish_and_clear();
     merged.elapsed = finished - start;
-    Ok(merged)
+    Ok((merged, workers))
 }
 
 /// Redraws the progress bar: position in milliseconds, message with the running rate.
@@ -219,14 +196,15 @@ async fn tick_progress(
     bar: ProgressBar,
     start: Instant,
     duration: Duration,
-    acked: Arc<AtomicU64>,
+    unit: &'static str,
+    done: Arc<AtomicU64>,
 ) {
     loop {
         let elapsed = start.elapsed();
-        let ops = acked.load(Ordering::Relaxed);
+        let ops = done.load(Ordering::Relaxed);
         let rate = ops as f64 / elapsed.as_secs_f64().max(1e-3);
         bar.set_position(elapsed.min(duration).as_millis() as u64);
-        bar.set_message(format!("{ops} puts, {rate:.0}/s"));
+        bar.set_message(format!("{ops} {unit}, {rate:.0}/s"));
         sleep(PROGRESS_TICK).await;
     }
 }
@@ -234,46 +212,23 @@ async fn tick_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
-    use std::sync::Mutex;
 
-    /// A target that acknowledges every put after a fixed delay and fails every tenth.
-    #[derive(Clone, Default)]
+    /// A worker whose operations take 2 ms and fail every tenth time.
     struct Fake {
-        seen: Arc<Mutex<Vec<Bytes>>>,
-    }
-
-    struct FakeWorker {
-        seen: Arc<Mutex<Vec<Bytes>>>,
+        index: usize,
         count: u64,
     }
 
-    impl Target for Fake {
-        type Worker = FakeWorker;
-        fn worker(&self, _index: usize) -> FakeWorker {
-            FakeWorker {
-                seen: Arc::clone(&self.seen),
-                count: 0,
-            }
-        }
-        fn endpoint(&self) -> String {
-            "fake:1".into()
-        }
-        async fn read_back(&self, _key: Bytes) -> Result<Option<Bytes>, String> {
-            Ok(None)
-        }
-    }
-
-    impl Worker for FakeWorker {
-        async fn put(&mut self, key: Bytes, _value: Bytes) -> PutOutcome {
+    impl Worker for Fake {
+        async fn op(&mut self) -> Call<Duration> {
             self.count += 1;
+            let sent = Instant::now();
             sleep(Duration::from_millis(2)).await;
-            self.seen.lock().unwrap().push(key);
-            PutOutcome {
+            Call {
                 result: if self.count.is_multiple_of(10) {
                     Err("injected".into())
                 } else {
-                    Ok(())
+                    Ok(sent.elapsed())
                 },
                 retries: 1,
             }
@@ -281,37 +236,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn clients_write_unique_keys_until_the_deadline() {
-        let fake = Fake::default();
-        let workload = Workload {
-            clients: 4,
-            duration: Duration::from_millis(300),
-            value: Bytes::from_static(b"v"),
-            key_prefix: "p".into(),
-        };
-        let result = run(&fake, &workload, &ProgressBar::hidden()).await.unwrap();
-        let seen = fake.seen.lock().unwrap().clone();
-        let unique: HashSet<_> = seen.iter().collect();
-        assert_eq!(unique.len(), seen.len(), "a key was written twice");
-        assert_eq!(result.ops + result.errors, seen.len() as u64);
+    async fn clients_run_until_the_deadline_and_come_back_in_order() {
+        let workers = (0..4).map(|index| Fake { index, count: 0 }).collect();
+        let duration = Duration::from_millis(300);
+        let (result, workers) = run(workers, duration, "ops", &ProgressBar::hidden())
+            .await
+            .unwrap();
+        let attempts: u64 = workers.iter().map(|w| w.count).sum();
+        assert_eq!(result.ops + result.errors, attempts);
         assert!(result.errors > 0 && result.ops > result.errors);
-        assert_eq!(result.retries, seen.len() as u64);
+        assert_eq!(result.retries, attempts);
         assert_eq!(result.histogram.len(), result.ops);
         assert!(
             result.histogram.min() >= 2_000,
-            "latency includes the put itself"
+            "the latency is the operation's own"
         );
         assert_eq!(result.first_error.as_deref(), Some("injected"));
-        assert_eq!(result.last_keys.len(), 4);
-        assert!(result.elapsed >= workload.duration);
-        assert!(result.elapsed < workload.duration + Duration::from_millis(200));
-    }
-
-    #[test]
-    fn keys_name_prefix_client_and_sequence() {
-        assert_eq!(
-            key("run/m", 3, 42),
-            Bytes::from_static(b"run/m/00003/0000000042")
-        );
+        let order: Vec<usize> = workers.iter().map(|w| w.index).collect();
+        assert_eq!(order, [0, 1, 2, 3]);
+        assert!(result.elapsed >= duration);
+        assert!(result.elapsed < duration + Duration::from_millis(200));
     }
 }

@@ -1,12 +1,12 @@
 //! From a phase's raw numbers to the figures a benchmark reports, and the syncd ÷ etcd ratios.
 
-use std::time::Duration;
-
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Latency percentiles of the acknowledged puts, in microseconds. All zero when none was
-/// acknowledged.
+use super::driver::PhaseResult;
+
+/// Latency percentiles of the successful operations, in microseconds. All zero when none
+/// succeeded.
 #[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
 pub struct Latency {
     pub p50: u64,
@@ -39,9 +39,9 @@ pub struct Summary {
     /// The member the clients talked to (the leader).
     pub endpoint: String,
     pub clients: usize,
-    /// Acknowledged puts.
+    /// Successful operations (puts, acquire+release cycles, hand-offs).
     pub ops: u64,
-    /// Puts that failed (after retries).
+    /// Operations that failed (after retries).
     pub errors: u64,
     /// Extra attempts: redirects to a new leader and retries after UNAVAILABLE.
     pub retries: u64,
@@ -50,28 +50,28 @@ pub struct Summary {
     /// `ops / elapsed_secs`.
     pub ops_per_sec: f64,
     pub latency_us: Latency,
+    /// The first failure's reason, if any operation failed.
+    pub first_error: Option<String>,
 }
 
 impl Summary {
-    pub fn new(
-        target: &str,
-        endpoint: &str,
-        clients: usize,
-        histogram: &Histogram<u64>,
-        (ops, errors, retries): (u64, u64, u64),
-        elapsed: Duration,
-    ) -> Self {
-        let secs = elapsed.as_secs_f64();
+    pub fn new(target: &str, endpoint: &str, clients: usize, phase: &PhaseResult) -> Self {
+        let secs = phase.elapsed.as_secs_f64();
         Summary {
             target: target.to_owned(),
             endpoint: endpoint.to_owned(),
             clients,
-            ops,
-            errors,
-            retries,
+            ops: phase.ops,
+            errors: phase.errors,
+            retries: phase.retries,
             elapsed_secs: secs,
-            ops_per_sec: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
-            latency_us: Latency::of(histogram),
+            ops_per_sec: if secs > 0.0 {
+                phase.ops as f64 / secs
+            } else {
+                0.0
+            },
+            latency_us: Latency::of(&phase.histogram),
+            first_error: phase.first_error.clone(),
         }
     }
 }
@@ -79,30 +79,47 @@ impl Summary {
 /// syncd relative to etcd. A ratio is absent when etcd's figure is zero.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq)]
 pub struct Comparison {
-    /// syncd ops/s ÷ etcd ops/s: above 1 means syncd sustained more puts per second.
+    /// syncd ops/s ÷ etcd ops/s: above 1 means syncd sustained more operations per second.
     pub ops_per_sec_ratio: Option<f64>,
-    /// syncd p50 ÷ etcd p50: below 1 means syncd's median put was faster.
+    /// syncd p50 ÷ etcd p50: below 1 means syncd's median operation was faster.
     pub p50_ratio: Option<f64>,
+    /// syncd p99 ÷ etcd p99: below 1 means syncd's tail was shorter.
+    pub p99_ratio: Option<f64>,
 }
 
 pub fn compare(syncd: &Summary, etcd: &Summary) -> Comparison {
-    let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+    let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
     Comparison {
-        ops_per_sec_ratio: ratio(syncd.ops_per_sec, etcd.ops_per_sec),
-        p50_ratio: ratio(syncd.latency_us.p50 as f64, etcd.latency_us.p50 as f64),
+        ops_per_sec_ratio: (etcd.ops_per_sec > 0.0).then(|| syncd.ops_per_sec / etcd.ops_per_sec),
+        p50_ratio: ratio(syncd.latency_us.p50, etcd.latency_us.p50),
+        p99_ratio: ratio(syncd.latency_us.p99, etcd.latency_us.p99),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    fn histogram(values_us: impl IntoIterator<Item = u64>) -> Histogram<u64> {
-        let mut h = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+    /// A phase with these latencies, counts and wall time.
+    fn phase(
+        values_us: impl IntoIterator<Item = u64>,
+        (ops, errors, retries): (u64, u64, u64),
+        elapsed: Duration,
+    ) -> PhaseResult {
+        let mut histogram = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
         for v in values_us {
-            h.record(v).unwrap();
+            histogram.record(v).unwrap();
         }
-        h
+        PhaseResult {
+            histogram,
+            ops,
+            errors,
+            retries,
+            elapsed,
+            first_error: (errors > 0).then(|| "boom".to_owned()),
+        }
     }
 
     /// hdrhistogram with 3 significant digits reports values within 0.1%.
@@ -113,15 +130,12 @@ mod tests {
     #[test]
     fn percentiles_come_from_the_latencies() {
         // 1 ms .. 100 ms in 1 ms steps.
-        let h = histogram((1..=100).map(|ms| ms * 1_000));
-        let s = Summary::new(
-            "syncd",
-            "127.0.0.1:7001",
-            4,
-            &h,
+        let p = phase(
+            (1..=100).map(|ms| ms * 1_000),
             (100, 2, 3),
             Duration::from_secs(4),
         );
+        let s = Summary::new("syncd", "127.0.0.1:7001", 4, &p);
         assert!(close(s.latency_us.p50, 50_000), "{:?}", s.latency_us);
         assert!(close(s.latency_us.p90, 90_000), "{:?}", s.latency_us);
         assert!(close(s.latency_us.p99, 99_000), "{:?}", s.latency_us);
@@ -129,58 +143,47 @@ mod tests {
         assert!((s.latency_us.mean - 50_500.0).abs() < 100.0);
         assert_eq!(s.ops_per_sec, 25.0);
         assert_eq!((s.ops, s.errors, s.retries), (100, 2, 3));
+        assert_eq!(s.first_error.as_deref(), Some("boom"));
     }
 
     #[test]
-    fn a_run_without_acknowledged_puts_reports_zeros() {
+    fn a_run_without_successful_operations_reports_zeros() {
         let s = Summary::new(
             "etcd",
             "x:1",
             1,
-            &histogram([]),
-            (0, 7, 0),
-            Duration::from_secs(1),
+            &phase([], (0, 7, 0), Duration::from_secs(1)),
         );
         assert_eq!(s.latency_us, Latency::default());
         assert_eq!(s.ops_per_sec, 0.0);
-        let s = Summary::new("etcd", "x:1", 1, &histogram([]), (0, 0, 0), Duration::ZERO);
+        let s = Summary::new("etcd", "x:1", 1, &phase([], (0, 0, 0), Duration::ZERO));
         assert_eq!(s.ops_per_sec, 0.0);
     }
 
     #[test]
     fn ratios_are_syncd_over_etcd() {
-        let fast = Summary::new(
-            "syncd",
-            "a:1",
-            1,
-            &histogram([500, 500]),
-            (300, 0, 0),
-            Duration::from_secs(1),
-        );
+        let second = Duration::from_secs(1);
+        let fast = Summary::new("syncd", "a:1", 1, &phase([500, 500], (300, 0, 0), second));
         let slow = Summary::new(
             "etcd",
             "b:1",
             1,
-            &histogram([2_000, 2_000]),
-            (100, 0, 0),
-            Duration::from_secs(1),
+            &phase([2_000, 2_000, 8_000], (100, 0, 0), second),
         );
         let c = compare(&fast, &slow);
         assert_eq!(c.ops_per_sec_ratio, Some(3.0));
         assert_eq!(c.p50_ratio, Some(0.25));
-        let idle = Summary::new(
-            "etcd",
-            "b:1",
-            1,
-            &histogram([]),
-            (0, 5, 0),
-            Duration::from_secs(1),
+        assert!(
+            c.p99_ratio.is_some_and(|r| (r - 0.0625).abs() < 0.001),
+            "{c:?}"
         );
+        let idle = Summary::new("etcd", "b:1", 1, &phase([], (0, 5, 0), second));
         assert_eq!(
             compare(&fast, &idle),
             Comparison {
                 ops_per_sec_ratio: None,
-                p50_ratio: None
+                p50_ratio: None,
+                p99_ratio: None,
             }
         );
     }

@@ -1,35 +1,50 @@
-//! The syncd target: Kv.Put on the leader, with a RequestHeader, following redirects.
+//! The syncd target: Kv.Put, or Lock.Acquire and Lock.Release, on the leader, with a
+//! RequestHeader, following redirects.
 //!
 //! Each benchmark client is one syncd client in the sense of `common.proto`: it has its own
-//! random `client_id` and numbers its puts 1, 2, 3, ... With one put in flight per client,
-//! every put below the current one has been answered, so `lowest_unacked` is the current
-//! sequence and the server can drop each answer as soon as the next put arrives. A put that is
-//! retried (redirect, UNAVAILABLE) repeats its header, so it is applied at most once.
+//! random `client_id` and numbers its mutating calls 1, 2, 3, ... With one call in flight per
+//! client, every call below the current one has been answered, so `lowest_unacked` is the
+//! current sequence and the server can drop each answer as soon as the next call arrives. A
+//! call that is retried (redirect, UNAVAILABLE) repeats its header, so it is applied at most
+//! once.
+//!
+//! A lock client also has its own session, opened (CreateSession) when the client is created,
+//! before the clock starts, and revoked after the run. Its TTL outlives the run, so no
+//! keep-alive competes with the measured calls. An Acquire waits server-side, up to the
+//! request timeout (`--timeout`), for a lock another client holds.
 //!
 //! All clients share a small pool of HTTP/2 connections to the leader (`--connections`,
 //! default one: gRPC multiplexes concurrent calls on one connection). When a node answers with
 //! an `x-sync-leader-addr` trailer naming another node, the pool is replaced by connections to
 //! that node, once, for every client.
 
+use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use sync_proto::sync::v1::kv_client::KvClient;
-use sync_proto::sync::v1::{Consistency, KvGetRequest, KvPutRequest, RequestHeader};
+use sync_proto::sync::v1::lock_client::LockClient;
+use sync_proto::sync::v1::{
+    AcquireRequest, Consistency, CreateSessionRequest, KvGetRequest, KvPutRequest, LockMode,
+    ReleaseRequest, RequestHeader, RevokeSessionRequest,
+};
 use tokio::time::sleep;
-use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
-use super::driver::{PutOutcome, Target, Worker};
+use super::driver::Call;
+use super::locks::{LockTarget, Locker};
+use super::raw::{KvTarget, Putter};
+use super::request;
 use crate::args::parse_endpoint;
 use crate::cluster::{connect, leader_hint};
 use crate::errors::describe_status;
 
-/// Attempts per put: the first plus redirects and retries.
+/// Attempts per call: the first plus redirects and retries.
 const MAX_ATTEMPTS: u32 = 5;
-/// First pause before retrying a put that met UNAVAILABLE without a leader hint (an election
+/// First pause before retrying a call that met UNAVAILABLE without a leader hint (an election
 /// is probably under way); doubled on each further retry.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
@@ -40,7 +55,7 @@ pub struct SyncdTarget {
 
 impl SyncdTarget {
     /// Opens `connections` connections to `leader` (`host:port`) before the clock starts, so
-    /// connection setup is never part of a measured put.
+    /// connection setup is never part of a measured call.
     pub async fn connect(
         leader: &str,
         connections: usize,
@@ -67,13 +82,10 @@ impl SyncdTarget {
             rpc_timeout,
         })
     }
-}
 
-impl Target for SyncdTarget {
-    type Worker = SyncdWorker;
-
-    fn worker(&self, index: usize) -> SyncdWorker {
-        SyncdWorker {
+    /// A new client, with its own RequestHeader identity; `index` picks its connection.
+    fn client(&self, index: usize) -> SyncdClient {
+        SyncdClient {
             route: Arc::clone(&self.route),
             slot: index,
             client_id: new_client_id(),
@@ -85,20 +97,68 @@ impl Target for SyncdTarget {
     fn endpoint(&self) -> String {
         self.route.get().address.clone()
     }
+}
+
+impl KvTarget for SyncdTarget {
+    type Putter = SyncdClient;
+
+    fn putter(&self, index: usize) -> SyncdClient {
+        self.client(index)
+    }
+
+    fn endpoint(&self) -> String {
+        SyncdTarget::endpoint(self)
+    }
 
     async fn read_back(&self, key: Bytes) -> Result<Option<Bytes>, String> {
         let pool = self.route.get();
-        let mut request = tonic::Request::new(KvGetRequest {
-            key,
-            consistency: Consistency::Linearizable as i32,
-        });
-        request.set_timeout(self.rpc_timeout);
+        let request = request(
+            KvGetRequest {
+                key,
+                consistency: Consistency::Linearizable as i32,
+            },
+            self.rpc_timeout,
+        );
         let answer = KvClient::new(pool.channels[0].clone())
             .get(request)
             .await
             .map_err(|status| describe_status(&status))?
             .into_inner();
         Ok(answer.found.then_some(answer.value))
+    }
+}
+
+impl LockTarget for SyncdTarget {
+    type Locker = SyncdLocker;
+
+    async fn locker(
+        &self,
+        index: usize,
+        name: String,
+        ttl: Duration,
+    ) -> Result<SyncdLocker, String> {
+        let mut client = self.client(index);
+        let create = CreateSessionRequest {
+            header: Some(client.next_header()),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            client_name: format!("syncctl-bench-{index}"),
+        };
+        let session = client
+            .call(create, |channel, r| async move {
+                LockClient::new(channel).create_session(r).await
+            })
+            .await
+            .result?;
+        Ok(SyncdLocker {
+            client,
+            session_id: session.session_id,
+            name,
+            wait_ms: u64::try_from(self.rpc_timeout.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        SyncdTarget::endpoint(self)
     }
 }
 
@@ -158,44 +218,51 @@ impl Route {
     }
 }
 
-pub struct SyncdWorker {
+/// One benchmark client of syncd: its RequestHeader identity and its slot in the pool.
+pub struct SyncdClient {
     route: Arc<Route>,
     /// Which connection of the pool this client uses.
     slot: usize,
     client_id: u64,
-    /// The sequence number of the last put sent.
+    /// The sequence number of the last mutating call sent.
     sequence: u64,
     rpc_timeout: Duration,
 }
 
-impl Worker for SyncdWorker {
-    async fn put(&mut self, key: Bytes, value: Bytes) -> PutOutcome {
+impl SyncdClient {
+    /// The header of a new mutating call (the previous one has been answered).
+    fn next_header(&mut self) -> RequestHeader {
         self.sequence += 1;
-        let header = RequestHeader {
+        RequestHeader {
             client_id: self.client_id,
             sequence: self.sequence,
             lowest_unacked: self.sequence,
-        };
+        }
+    }
+
+    /// Sends `message` to the leader with `send`, following redirects and retrying while no
+    /// leader is known, up to MAX_ATTEMPTS attempts in all. The message (and so its header) is
+    /// the same on every attempt.
+    async fn call<Req, Resp, F, Fut>(&self, message: Req, send: F) -> Call<Resp>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
         let mut retries = 0;
         loop {
             let pool = self.route.get();
             let channel = pool.channels[self.slot % pool.channels.len()].clone();
-            let mut request = tonic::Request::new(KvPutRequest {
-                header: Some(header),
-                key: key.clone(),
-                value: value.clone(),
-            });
-            request.set_timeout(self.rpc_timeout);
-            let status = match KvClient::new(channel).put(request).await {
-                Ok(_) => {
-                    return PutOutcome {
-                        result: Ok(()),
+            let status = match send(channel, request(message.clone(), self.rpc_timeout)).await {
+                Ok(answer) => {
+                    return Call {
+                        result: Ok(answer.into_inner()),
                         retries,
                     };
                 }
                 Err(status) => status,
             };
-            let give_up = |status: &tonic::Status| PutOutcome {
+            let give_up = |status: &Status| Call {
                 result: Err(describe_status(status)),
                 retries,
             };
@@ -217,5 +284,87 @@ impl Worker for SyncdWorker {
             }
             retries += 1;
         }
+    }
+}
+
+impl Putter for SyncdClient {
+    async fn put(&mut self, key: Bytes, value: Bytes) -> Call<()> {
+        let message = KvPutRequest {
+            header: Some(self.next_header()),
+            key,
+            value,
+        };
+        self.call(message, |channel, r| async move {
+            KvClient::new(channel).put(r).await
+        })
+        .await
+        .and_then(|_| Ok(()))
+    }
+}
+
+/// A syncd client with its own session, taking one lock exclusively.
+pub struct SyncdLocker {
+    client: SyncdClient,
+    session_id: u64,
+    /// The lock this client takes.
+    name: String,
+    /// How long an Acquire waits server-side for the grant: the request timeout.
+    wait_ms: u64,
+}
+
+impl Locker for SyncdLocker {
+    type Held = ();
+
+    async fn acquire(&mut self) -> Call<()> {
+        let message = AcquireRequest {
+            header: Some(self.client.next_header()),
+            name: self.name.clone(),
+            session_id: self.session_id,
+            client_id: String::new(),
+            mode: LockMode::Exclusive as i32,
+            wait_timeout_ms: self.wait_ms,
+            lock_delay_ms: 0,
+        };
+        self.client
+            .call(message, |channel, r| async move {
+                LockClient::new(channel).acquire(r).await
+            })
+            .await
+            .and_then(|answer| {
+                if answer.granted {
+                    Ok(())
+                } else {
+                    Err(format!("{} was not granted", self.name))
+                }
+            })
+    }
+
+    async fn release(&mut self, (): ()) -> Call<()> {
+        let message = ReleaseRequest {
+            header: Some(self.client.next_header()),
+            name: self.name.clone(),
+            session_id: self.session_id,
+            client_id: String::new(),
+        };
+        self.client
+            .call(message, |channel, r| async move {
+                LockClient::new(channel).release(r).await
+            })
+            .await
+            .and_then(|_| Ok(()))
+    }
+
+    async fn close(mut self) -> Result<(), String> {
+        let message = RevokeSessionRequest {
+            header: Some(self.client.next_header()),
+            session_id: self.session_id,
+        };
+        self.client
+            .call(message, |channel, r| async move {
+                LockClient::new(channel).revoke_session(r).await
+            })
+            .await
+            .result
+            .map(drop)
     }
 }
