@@ -147,6 +147,42 @@ impl ReplicatedState {
             .min()
     }
 
+    /// The topics where consumers may find new work after a queue command: its own topic (a
+    /// publish, a nack, an ack that frees the next message of an ordering key or a
+    /// subscriber's credit), that topic's dead-letter topic (a nack past max deliveries moves
+    /// the message there), and a redrive's destinations (every topic, for a redrive back to
+    /// the messages' sources). A spurious notice only costs a consumer a look.
+    fn queue_command_topics(&self, cmd: &ipb::QueueCommand) -> Vec<String> {
+        use ipb::queue_command::Op;
+        let topic = match cmd.op.as_ref() {
+            Some(Op::Publish(p)) => &p.topic,
+            Some(Op::Nack(n)) => &n.topic,
+            Some(Op::Ack(a)) => &a.topic,
+            Some(Op::ExtendVisibility(e)) => &e.topic,
+            Some(Op::RequeueExpired(r)) => &r.topic,
+            Some(Op::Redrive(r)) if !r.destination_topic.is_empty() => &r.destination_topic,
+            Some(Op::Redrive(_)) => {
+                return self
+                    .queues
+                    .list_topics("", 0, "")
+                    .map(|(topics, _)| topics.into_iter().map(|t| t.name).collect())
+                    .unwrap_or_default();
+            }
+            _ => return Vec::new(),
+        };
+        let mut topics = vec![topic.clone()];
+        if let Some(dlq) = self
+            .queues
+            .topic(topic)
+            .and_then(|t| t.settings)
+            .map(|s| s.dead_letter_topic)
+            .filter(|d| !d.is_empty())
+        {
+            topics.push(dlq);
+        }
+        topics
+    }
+
     /// Drains what applying produced (lock events and ended waits), for the node to publish.
     pub fn take_notices(&mut self) -> Vec<Notice> {
         std::mem::take(&mut self.notices)
@@ -262,10 +298,9 @@ impl ReplicatedState {
             Some(Op::Queue(cmd)) => {
                 let (result, advanced) = self.queues.apply_reporting(index, self.now_ms, &cmd);
                 let mut ready = advanced.woken;
-                if let Some(topic) = queue_command_topic(&cmd) {
-                    ready.insert(topic.to_string());
-                }
-                self.notices.extend(ready.into_iter().map(Notice::QueueReady));
+                ready.extend(self.queue_command_topics(&cmd));
+                self.notices
+                    .extend(ready.into_iter().map(Notice::QueueReady));
                 Some(R::Queue(result))
             }
             None => Some(R::Rejected("command has no operation".into())),
@@ -343,23 +378,6 @@ impl ReplicatedState {
         );
         Ok(state)
     }
-}
-
-/// The topic a queue command concerns (where consumers may find new work after it).
-fn queue_command_topic(cmd: &ipb::QueueCommand) -> Option<&str> {
-    use ipb::queue_command::Op;
-    Some(match cmd.op.as_ref()? {
-        Op::Publish(p) => &p.topic,
-        Op::Nack(n) => &n.topic,
-        Op::RequeueExpired(r) => &r.topic,
-        Op::Redrive(r) => {
-            if r.destination_topic.is_empty() {
-                return None;
-            }
-            &r.destination_topic
-        }
-        _ => return None,
-    })
 }
 
 /// Encodes a command for a log entry.
