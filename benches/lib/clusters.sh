@@ -140,7 +140,7 @@ start_clusters() {
     DEV_PID=$!
     say "waiting for syncd ($SYNC_ENDPOINTS)"
     local tries=200 # 40 s; `dev up` itself gives up after 30 s without a leader
-    until grep -q '^leader' "$WORK/syncd-dev.out"; do
+    until grep -qs '^leader' "$WORK/syncd-dev.out"; do
         if ! kill -0 "$DEV_PID" 2> /dev/null || [ "$tries" -eq 0 ]; then
             cat "$WORK/syncd-dev.err" >&2
             die "syncd did not start; see $WORK/syncd-dev.err and $WORK/syncd/*/syncd.log"
