@@ -78,6 +78,9 @@ fn record_one_of_everything() {
     record::lock_event(sync_proto::sync::v1::LockEventType::Acquired as i32);
     record::lock_event(sync_proto::sync::v1::LockEventType::Deadlock as i32);
     record::lock_wait(Duration::from_millis(12));
+    record::queue_topics(2);
+    record::queue_messages("published", 10);
+    record::queue_messages("acked", 9);
     // The gRPC families are recorded by the middleware; record one request by hand.
     ::metrics::counter!(
         names::GRPC_SERVER_REQUESTS,

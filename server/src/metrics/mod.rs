@@ -132,6 +132,12 @@ pub fn describe_all() {
     use names::*;
 
     describe_gauge!(LOCK_SESSIONS, Unit::Count, "Open lock sessions.");
+    describe_gauge!(QUEUE_TOPICS, Unit::Count, "Queue topics.");
+    describe_counter!(
+        QUEUE_MESSAGES,
+        Unit::Count,
+        "Queue messages by event (published, delivered, acked, nacked)."
+    );
     describe_gauge!(
         LOCK_LOCKS,
         Unit::Count,

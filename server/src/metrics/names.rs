@@ -81,6 +81,14 @@ pub const LOCK_EVENTS: &str = "syncd_lock_events_total";
 /// their wait ended (granted or not).
 pub const LOCK_WAIT_DURATION: &str = "syncd_lock_wait_duration_seconds";
 
+// ---- Queues -----------------------------------------------------------------------------------
+
+/// Gauge: topics in this member's replica (dead-letter topics included).
+pub const QUEUE_TOPICS: &str = "syncd_queue_topics";
+/// Counter, label `event` = `published` | `delivered` | `acked` | `nacked`: messages this member
+/// applied commands for (every replica applies the same; read one member).
+pub const QUEUE_MESSAGES: &str = "syncd_queue_messages_total";
+
 /// Every name above, in the order they appear.
 pub const ALL: &[&str] = &[
     RAFT_ROLE,
@@ -106,4 +114,6 @@ pub const ALL: &[&str] = &[
     LOCK_LOCKS,
     LOCK_EVENTS,
     LOCK_WAIT_DURATION,
+    QUEUE_TOPICS,
+    QUEUE_MESSAGES,
 ];

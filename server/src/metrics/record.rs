@@ -161,6 +161,16 @@ pub fn lock_event(kind: i32) {
     counter!(names::LOCK_EVENTS, "type" => label).increment(1);
 }
 
+/// Sets the number of queue topics.
+pub fn queue_topics(topics: usize) {
+    gauge!(names::QUEUE_TOPICS).set(topics as f64);
+}
+
+/// Counts `count` queue messages that went through `event`.
+pub fn queue_messages(event: &'static str, count: u64) {
+    counter!(names::QUEUE_MESSAGES, "event" => event).increment(count);
+}
+
 /// Records how long one Acquire waited in a queue.
 pub fn lock_wait(elapsed: Duration) {
     histogram!(names::LOCK_WAIT_DURATION).record(elapsed);

@@ -691,8 +691,14 @@ impl Driver {
             for e in &rd.committed_entries {
                 let applied = self.state.apply(e);
                 for n in self.state.take_notices() {
-                    if let Notice::Lock(crate::state::locks::Notice::Event(e)) = &n {
-                        record::lock_event(e.r#type);
+                    match &n {
+                        Notice::Lock(crate::state::locks::Notice::Event(e)) => {
+                            record::lock_event(e.r#type)
+                        }
+                        Notice::QueueApplied { event, count } => {
+                            record::queue_messages(event, *count)
+                        }
+                        _ => {}
                     }
                     let _ = self.notices.send(n);
                 }
@@ -1045,6 +1051,7 @@ impl Driver {
             self.state.locks().session_count(),
             self.state.locks().lock_count(),
         );
+        record::queue_topics(self.state.queues().topic_count());
         record::role(status.role);
         record::log_size(
             (status.last_index + 1).saturating_sub(self.raft.first_index()),

@@ -43,6 +43,13 @@ pub enum Notice {
     /// A topic may have deliverable messages now (published, given back, visible again): its
     /// long polls and subscriptions should look.
     QueueReady(String),
+    /// Messages a queue command published, delivered, acknowledged or gave back (for metrics).
+    QueueApplied {
+        /// What happened to them: `published`, `delivered`, `acked` or `nacked`.
+        event: &'static str,
+        /// How many.
+        count: u64,
+    },
 }
 
 /// Clients remembered by the de-duplication table.
@@ -299,6 +306,9 @@ impl ReplicatedState {
                 let (result, advanced) = self.queues.apply_reporting(index, self.now_ms, &cmd);
                 let mut ready = advanced.woken;
                 ready.extend(self.queue_command_topics(&cmd));
+                if let Some((event, count)) = queue_applied(&result) {
+                    self.notices.push(Notice::QueueApplied { event, count });
+                }
                 self.notices
                     .extend(ready.into_iter().map(Notice::QueueReady));
                 Some(R::Queue(result))
@@ -377,6 +387,21 @@ impl ReplicatedState {
                 .map(|f| (f.client_id, f.reached)),
         );
         Ok(state)
+    }
+}
+
+/// What a successful queue result did to how many messages, for metrics.
+fn queue_applied(result: &ipb::QueueResult) -> Option<(&'static str, u64)> {
+    use ipb::queue_result::Result as Q;
+    match result.result.as_ref()? {
+        Q::Publish(p) => Some((
+            "published",
+            p.results.iter().filter(|r| !r.deduplicated).count() as u64,
+        )),
+        Q::Deliver(d) => Some(("delivered", d.deliveries.len() as u64)),
+        Q::Ack(_) => Some(("acked", 1)),
+        Q::Nack(_) => Some(("nacked", 1)),
+        _ => None,
     }
 }
 
