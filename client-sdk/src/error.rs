@@ -414,10 +414,21 @@ mod tests {
 
     #[test]
     fn the_same_code_means_different_things_for_different_calls() {
-        let aborted = Status::aborted("deadlock: a waits for b");
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert(
+            "x-sync-error-reason",
+            tonic::metadata::MetadataValue::from_static("deadlock"),
+        );
+        let deadlock = Status::with_metadata(Code::Aborted, "deadlock: a waits for b", md);
+        assert!(matches!(
+            Error::from_status(&deadlock, CallKind::Acquire),
+            Error::Deadlock { .. }
+        ));
+        // Without the reason, ABORTED on an Acquire is something else (a request id too old).
+        let aborted = Status::aborted("request expired");
         assert!(matches!(
             Error::from_status(&aborted, CallKind::Acquire),
-            Error::Deadlock { .. }
+            Error::Aborted { .. }
         ));
         assert!(matches!(
             Error::from_status(&aborted, CallKind::Other),
