@@ -187,66 +187,49 @@ impl LockTable {
     }
 
     /// Performs everything due by `at.now_ms` in time order, as if each had happened at its
-    /// own time: an expiry at t1 is handled before a wait deadline at t2 > t1, so a lock freed at
-    /// t1 goes to a waiter whose deadline had not passed at t1, and never to one whose deadline
-    /// came first. Ties go to session expiry, then wait deadlines, then lock-delays, then id.
+    /// own time. Everything due at one instant t happens before any queue is served at t:
+    /// sessions expiring at t, then waits whose deadline is t, then lock-delays ending at t;
+    /// only then are the touched locks' queues served. So a lock freed at t1 goes to a waiter
+    /// still waiting and live at t1, never to one whose session or wait ended at or before t1.
     pub fn advance(&mut self, at: At) {
-        #[derive(PartialEq, Eq, PartialOrd, Ord)]
-        enum Due {
-            Session(u64),
-            Wait(u64),
-            Delay(String),
-        }
-        loop {
-            let next = [
-                self.sessions
-                    .next_expiry()
-                    .map(|(t, id)| (t, Due::Session(id))),
-                self.wait_deadlines
-                    .first()
-                    .map(|&(t, id)| (t, Due::Wait(id))),
-                self.delays
-                    .first()
-                    .map(|(t, n)| (*t, Due::Delay(n.clone()))),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let Some((t, due)) = next.filter(|(t, _)| *t <= at.now_ms) else {
-                return;
-            };
+        while let Some(t) = self.next_deadline().filter(|t| *t <= at.now_ms) {
             let at_t = At {
                 index: at.index,
                 now_ms: t,
             };
-            match due {
-                Due::Session(id) => {
-                    self.end_session(id, Ending::Expired, at_t);
+            let mut touched = BTreeSet::new();
+            while let Some((expires, id)) = self.sessions.next_expiry()
+                && expires <= t
+            {
+                touched.extend(self.end_session_quietly(id, Ending::Expired, at_t).1);
+            }
+            while let Some(&(deadline, id)) = self.wait_deadlines.first()
+                && deadline <= t
+            {
+                let waited = self.waiter(id).map_or(0, |w| t.saturating_sub(w.since_ms));
+                let name = self.waiter_locks.get(&id).cloned().unwrap_or_default();
+                let outcome = error(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "waited {waited} ms for lock `{name}` without a grant; retry with a \
+                         longer wait, or see who holds it with GetLock"
+                    ),
+                );
+                touched.extend(self.withdraw_quietly(id, outcome));
+            }
+            while let Some((until, name)) = self.delays.first().cloned()
+                && until <= t
+            {
+                self.delays.remove(&(until, name.clone()));
+                if let Some(lock) = self.locks.get_mut(&name)
+                    && lock.delay_until_ms == until
+                {
+                    lock.delay_until_ms = 0;
                 }
-                Due::Wait(id) => {
-                    let waited = self.waiter(id).map_or(0, |w| t.saturating_sub(w.since_ms));
-                    let name = self.waiter_locks.get(&id).cloned().unwrap_or_default();
-                    self.withdraw(
-                        id,
-                        error(
-                            Code::DeadlineExceeded,
-                            format!(
-                                "waited {waited} ms for lock `{name}` without a grant; retry \
-                                 with a longer wait, or see who holds it with GetLock"
-                            ),
-                        ),
-                        at_t,
-                    );
-                }
-                Due::Delay(name) => {
-                    self.delays.remove(&(t, name.clone()));
-                    if let Some(lock) = self.locks.get_mut(&name)
-                        && lock.delay_until_ms == t
-                    {
-                        lock.delay_until_ms = 0;
-                    }
-                    self.serve(&name, at_t);
-                }
+                touched.insert(name);
+            }
+            for name in &touched {
+                self.serve(name, at_t);
             }
         }
     }
@@ -623,11 +606,26 @@ impl LockTable {
         result(R::Released(true))
     }
 
-    /// Ends a session: its holds are dropped (with their lock-delays), its waits withdrawn.
-    /// Returns the names of the locks it held.
+    /// Ends a session and lets the queues of its locks move on. Returns the names of the locks
+    /// it held.
     fn end_session(&mut self, id: u64, ending: Ending, at: At) -> Vec<String> {
+        let (held, touched) = self.end_session_quietly(id, ending, at);
+        for name in &touched {
+            self.serve(name, at);
+        }
+        held
+    }
+
+    /// Ends a session: its holds are dropped (with their lock-delays), its waits withdrawn; no
+    /// queue is served yet. Returns the locks it held and every lock it touched.
+    fn end_session_quietly(
+        &mut self,
+        id: u64,
+        ending: Ending,
+        at: At,
+    ) -> (Vec<String>, BTreeSet<String>) {
         let Some(session) = self.sessions.get(id) else {
-            return Vec::new();
+            return (Vec::new(), BTreeSet::new());
         };
         let held: Vec<String> = session.held.iter().cloned().collect();
         let waits: Vec<(String, u64)> = session
@@ -667,25 +665,28 @@ impl LockTable {
         self.sessions.remove(id);
         let mut touched: BTreeSet<String> = held.iter().cloned().collect();
         touched.extend(waits.into_iter().map(|(n, _)| n));
-        for name in &touched {
-            self.serve(name, at);
-        }
-        held
+        (held, touched)
     }
 
     /// Removes a waiting request and tells its caller `outcome`; the lock's queue then moves
     /// on if it can.
     fn withdraw(&mut self, waiter_id: u64, outcome: ipb::LockResult, at: At) {
-        let Some(name) = self.waiter_locks.get(&waiter_id).cloned() else {
-            return;
-        };
+        if let Some(name) = self.withdraw_quietly(waiter_id, outcome) {
+            self.serve(&name, at);
+        }
+    }
+
+    /// Removes a waiting request and tells its caller `outcome`, serving no queue; returns the
+    /// lock it waited for.
+    fn withdraw_quietly(&mut self, waiter_id: u64, outcome: ipb::LockResult) -> Option<String> {
+        let name = self.waiter_locks.get(&waiter_id).cloned()?;
         let request = self.unlink_waiter(waiter_id).and_then(|w| w.request);
         self.notices.push(Notice::WaitEnded {
             waiter_id,
             request,
             result: outcome,
         });
-        self.serve(&name, at);
+        Some(name)
     }
 
     /// Removes a waiter from every index; returns it.

@@ -75,8 +75,8 @@ struct Model {
     queues: BTreeMap<String, Vec<u64>>,
     /// Per lock: the last token seen.
     tokens: BTreeMap<String, u64>,
-    /// Waiter id → (session index, lock).
-    waiters: BTreeMap<u64, (usize, String)>,
+    /// Waiter id → (session index, lock, wait deadline).
+    waiters: BTreeMap<u64, (usize, String, u64)>,
 }
 
 fn mode_of(shared: bool) -> Mode {
@@ -323,7 +323,8 @@ impl Model {
                     q.len()
                 };
                 q.insert(pos.min(q.len()), *id);
-                self.waiters.insert(*id, (session, lock.to_string()));
+                self.waiters
+                    .insert(*id, (session, lock.to_string(), self.h.now + wait));
             }
             Answer::Failed(Code::Aborted) => {}
             Answer::Failed(c) => panic!("unexpected refusal {c:?}"),
@@ -370,7 +371,7 @@ impl Model {
                 Notice::WaitEnded {
                     waiter_id, result, ..
                 } => {
-                    let Some((session, lock)) = self.waiters.remove(&waiter_id) else {
+                    let Some((session, lock, deadline)) = self.waiters.remove(&waiter_id) else {
                         panic!("an unknown wait {waiter_id} ended");
                     };
                     let Some(pos) = self.queues[&lock].iter().position(|w| *w == waiter_id) else {
@@ -388,6 +389,10 @@ impl Model {
                             "granted to session {} at {t:?}, not live (expires {})",
                             s.id,
                             s.expires
+                        );
+                        assert!(
+                            t.is_some_and(|t| t < deadline),
+                            "granted at {t:?}, at or after its wait's deadline {deadline}"
                         );
                         self.see_token(&lock, token);
                     }
@@ -463,7 +468,10 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    // 1 000 cases by default; `PROPTEST_CASES=50000` for a soak.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+    ))]
 
     #[test]
     fn the_lock_table_follows_the_published_rules(steps in proptest::collection::vec(step(), 1..80)) {
