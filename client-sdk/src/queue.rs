@@ -7,6 +7,7 @@
 //! visibility timeout.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use bytes::Bytes;
 use futures::Stream;
 use sync_proto::sync::v1 as api;
 use sync_proto::sync::v1::queue_client::QueueClient;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
 use crate::client::{CallSpec, Client};
 use crate::error::{CallKind, Result};
@@ -158,33 +161,31 @@ impl Delivery {
     /// [`Error::FailedPrecondition`](crate::Error::FailedPrecondition) if the message was
     /// delivered again since (this consumer was too slow).
     pub async fn ack(&self) -> Result<()> {
-        let ticket = self.client.ticket();
-        let request = api::AckRequest {
-            header: ticket.header(),
-            topic: self.topic.to_string(),
-            receipt: self.receipt(),
-        };
         self.client
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).ack(r).await
-            })
+            .queue_write(
+                |header| api::AckRequest {
+                    header,
+                    topic: self.topic.to_string(),
+                    receipt: self.receipt(),
+                },
+                |ch, r| async move { QueueClient::new(ch).ack(r).await },
+            )
             .await?;
         Ok(())
     }
 
     /// Gives the delivery back: the message becomes visible again after `delay`.
     pub async fn nack(&self, delay: Duration) -> Result<()> {
-        let ticket = self.client.ticket();
-        let request = api::NackRequest {
-            header: ticket.header(),
-            topic: self.topic.to_string(),
-            receipt: self.receipt(),
-            delay_ms: delay.as_millis() as u64,
-        };
         self.client
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).nack(r).await
-            })
+            .queue_write(
+                |header| api::NackRequest {
+                    header,
+                    topic: self.topic.to_string(),
+                    receipt: self.receipt(),
+                    delay_ms: delay.as_millis() as u64,
+                },
+                |ch, r| async move { QueueClient::new(ch).nack(r).await },
+            )
             .await?;
         Ok(())
     }
@@ -192,18 +193,17 @@ impl Delivery {
     /// Keeps the message invisible for `timeout` from now (a heartbeat for long jobs); returns
     /// when it becomes visible again (Unix ms).
     pub async fn extend(&self, timeout: Duration) -> Result<u64> {
-        let ticket = self.client.ticket();
-        let request = api::ExtendVisibilityRequest {
-            header: ticket.header(),
-            topic: self.topic.to_string(),
-            receipt: self.receipt(),
-            visibility_timeout_ms: timeout.as_millis() as u64,
-        };
         let r = self
             .client
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).extend_visibility(r).await
-            })
+            .queue_write(
+                |header| api::ExtendVisibilityRequest {
+                    header,
+                    topic: self.topic.to_string(),
+                    receipt: self.receipt(),
+                    visibility_timeout_ms: timeout.as_millis() as u64,
+                },
+                |ch, r| async move { QueueClient::new(ch).extend_visibility(r).await },
+            )
             .await?;
         Ok(r.visible_again_unix_ms)
     }
@@ -354,20 +354,19 @@ impl Client {
         message: impl Into<OutgoingMessage>,
     ) -> Result<Published> {
         let e = message.into().entry;
-        let ticket = self.ticket();
-        let request = api::PublishRequest {
-            header: ticket.header(),
-            topic: topic.to_owned(),
-            payload: e.payload,
-            dedup_id: e.dedup_id,
-            delay_ms: e.delay_ms,
-            attributes: e.attributes,
-            ordering_key: e.ordering_key,
-        };
         let r = self
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).publish(r).await
-            })
+            .queue_write(
+                |header| api::PublishRequest {
+                    header,
+                    topic: topic.to_owned(),
+                    payload: e.payload,
+                    dedup_id: e.dedup_id,
+                    delay_ms: e.delay_ms,
+                    attributes: e.attributes,
+                    ordering_key: e.ordering_key,
+                },
+                |ch, r| async move { QueueClient::new(ch).publish(r).await },
+            )
             .await?;
         Ok(r.into())
     }
@@ -378,16 +377,15 @@ impl Client {
         topic: &str,
         messages: impl IntoIterator<Item = M>,
     ) -> Result<Vec<Published>> {
-        let ticket = self.ticket();
-        let request = api::PublishBatchRequest {
-            header: ticket.header(),
-            topic: topic.to_owned(),
-            messages: messages.into_iter().map(|m| m.into().entry).collect(),
-        };
         let r = self
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).publish_batch(r).await
-            })
+            .queue_write(
+                |header| api::PublishBatchRequest {
+                    header,
+                    topic: topic.to_owned(),
+                    messages: messages.into_iter().map(|m| m.into().entry).collect(),
+                },
+                |ch, r| async move { QueueClient::new(ch).publish_batch(r).await },
+            )
             .await?;
         Ok(r.results.into_iter().map(Published::from).collect())
     }
@@ -407,16 +405,15 @@ impl Client {
     /// Creates a topic with `settings` (zero fields take the defaults); true if it was created,
     /// false if it existed with the same settings.
     pub async fn create_topic(&self, name: &str, settings: api::TopicSettings) -> Result<bool> {
-        let ticket = self.ticket();
-        let request = api::CreateTopicRequest {
-            header: ticket.header(),
-            name: name.to_owned(),
-            settings: Some(settings),
-        };
         let r = self
-            .unary(CallSpec::write(CallKind::Other), request, |ch, r| async move {
-                QueueClient::new(ch).create_topic(r).await
-            })
+            .queue_write(
+                |header| api::CreateTopicRequest {
+                    header,
+                    name: name.to_owned(),
+                    settings: Some(settings),
+                },
+                |ch, r| async move { QueueClient::new(ch).create_topic(r).await },
+            )
             .await?;
         Ok(r.created)
     }
@@ -431,5 +428,113 @@ impl Client {
             QueueClient::new(ch).stats(r).await
         })
         .await
+    }
+}
+
+impl Client {
+    /// One mutating Queue call: `request` is built once with a fresh header (the same on every
+    /// retry, so that a retry is applied once), `send` makes one attempt.
+    async fn queue_write<Req, Resp, F, Fut>(
+        &self,
+        request: impl FnOnce(Option<api::RequestHeader>) -> Req,
+        send: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        let ticket = self.ticket();
+        let request = request(ticket.header());
+        self.unary(CallSpec::write(CallKind::Other), request, send)
+            .await
+    }
+}
+
+/// Calls for operators: acting on a delivery known only by its receipt, requeueing, purging,
+/// redriving dead letters and listing topics (what `syncctl queue` does).
+impl Client {
+    /// A handle on a delivery known by its receipt (message id and delivery attempt, 0 for the
+    /// latest delivery), e.g. one printed by another process: [`Delivery::ack`],
+    /// [`Delivery::nack`] and [`Delivery::extend`] work on it. Its payload is empty.
+    pub fn delivery(&self, topic: &str, message_id: &str, attempt: u32) -> Delivery {
+        Delivery {
+            client: self.clone(),
+            topic: Arc::from(topic),
+            inner: api::Delivery {
+                message_id: message_id.to_owned(),
+                delivery_attempt: attempt,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Makes the messages of `topic` whose visibility timeout lapsed visible again now;
+    /// returns how many.
+    pub async fn requeue_expired(&self, topic: &str) -> Result<u64> {
+        let r = self
+            .queue_write(
+                |header| api::RequeueExpiredRequest {
+                    header,
+                    topic: topic.to_owned(),
+                },
+                |ch, r| async move { QueueClient::new(ch).requeue_expired(r).await },
+            )
+            .await?;
+        Ok(r.requeued)
+    }
+
+    /// Deletes every message of `topic` (visible, in flight and delayed); returns how many.
+    pub async fn purge(&self, topic: &str) -> Result<u64> {
+        let r = self
+            .queue_write(
+                |header| api::PurgeRequest {
+                    header,
+                    topic: topic.to_owned(),
+                },
+                |ch, r| async move { QueueClient::new(ch).purge(r).await },
+            )
+            .await?;
+        Ok(r.purged)
+    }
+
+    /// Moves up to `max` messages (0: all) from the dead-letter topic `dead_letters` to
+    /// `destination` (empty: back to the topics they came from); returns how many moved.
+    pub async fn redrive(&self, dead_letters: &str, destination: &str, max: u64) -> Result<u64> {
+        let r = self
+            .queue_write(
+                |header| api::RedriveRequest {
+                    header,
+                    dead_letter_topic: dead_letters.to_owned(),
+                    destination_topic: destination.to_owned(),
+                    max_messages: max,
+                },
+                |ch, r| async move { QueueClient::new(ch).redrive(r).await },
+            )
+            .await?;
+        Ok(r.moved)
+    }
+
+    /// The topics whose names start with `prefix`, every page of them.
+    pub async fn list_topics(&self, prefix: &str) -> Result<Vec<api::Topic>> {
+        let mut topics = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = api::ListTopicsRequest {
+                prefix: prefix.to_owned(),
+                page_token: page_token.clone(),
+                ..Default::default()
+            };
+            let r = self
+                .unary(CallSpec::read(self), request, |ch, r| async move {
+                    QueueClient::new(ch).list_topics(r).await
+                })
+                .await?;
+            topics.extend(r.topics);
+            if r.next_page_token.is_empty() {
+                return Ok(topics);
+            }
+            page_token = r.next_page_token;
+        }
     }
 }
