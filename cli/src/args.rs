@@ -138,6 +138,280 @@ Examples:
   syncctl lock watch"
     )]
     Lock(LockCommand),
+
+    /// Queues: create topics, publish, consume, acknowledge, inspect, purge, redrive, tail.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl queue publish jobs 'resize 42'
+  syncctl queue consume jobs --max 10 --ack
+  syncctl queue stats jobs
+  syncctl queue tail jobs"
+    )]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Create a topic with its settings (unset ones take the server's defaults).
+    #[command(after_help = "\
+Examples:
+  syncctl queue create jobs
+  syncctl queue create jobs --visibility 1m --max-deliveries 5 --dead-letter jobs-dlq")]
+    Create(QueueCreateArgs),
+
+    /// Publish one message (the argument, --file, or stdin) and print its id.
+    #[command(after_help = "\
+Examples:
+  syncctl queue publish jobs '{\"image\": 42}'
+  syncctl queue publish jobs --file job.json --key user-7 --attr priority=high
+  echo hello | syncctl queue publish jobs --dedup-id upload-42 --delay 5s")]
+    Publish(QueuePublishArgs),
+
+    /// Receive up to --max messages, print them with their receipts (message id and attempt),
+    /// and with --ack acknowledge them. Without --ack they are invisible for the visibility
+    /// timeout, then delivered again unless acked with `queue ack`.
+    #[command(after_help = "\
+Examples:
+  syncctl queue consume jobs
+  syncctl queue consume jobs --max 10 --visibility 1m --wait 10s --output json
+  syncctl queue consume jobs --ack")]
+    Consume(QueueConsumeArgs),
+
+    /// Acknowledge a delivery: the message is deleted.
+    #[command(after_help = "\
+Examples:
+  syncctl queue ack jobs 00000000000000000042
+  syncctl queue ack jobs 00000000000000000042 --attempt 2")]
+    Ack(QueueReceiptArgs),
+
+    /// Give a delivery back: the message is visible again (after --delay).
+    #[command(after_help = "\
+Examples:
+  syncctl queue nack jobs 00000000000000000042
+  syncctl queue nack jobs 00000000000000000042 --attempt 1 --delay 30s")]
+    Nack(QueueNackArgs),
+
+    /// Keep a delivery invisible for --visibility from now (a heartbeat for a long job).
+    #[command(after_help = "\
+Examples:
+  syncctl queue extend jobs 00000000000000000042 --visibility 5m")]
+    Extend(QueueExtendArgs),
+
+    /// Make the messages whose visibility timeout lapsed visible again now.
+    #[command(after_help = "\
+Examples:
+  syncctl queue requeue jobs")]
+    Requeue(QueueTopicArg),
+
+    /// A topic's counts: visible, in flight, delayed, dead-lettered, oldest age, rates, owner.
+    #[command(after_help = "\
+Examples:
+  syncctl queue stats jobs
+  syncctl queue stats jobs --output json")]
+    Stats(QueueTopicArg),
+
+    /// Delete every message of a topic.
+    #[command(after_help = "\
+Examples:
+  syncctl queue purge jobs")]
+    Purge(QueueTopicArg),
+
+    /// Move dead letters back to the topics they came from, or to --to.
+    #[command(after_help = "\
+Examples:
+  syncctl queue redrive jobs-dlq
+  syncctl queue redrive jobs-dlq --to jobs-retry --max 100")]
+    Redrive(QueueRedriveArgs),
+
+    /// Print each message as it arrives and acknowledge it (or not, with --no-ack), until
+    /// Ctrl-C.
+    #[command(after_help = "\
+Examples:
+  syncctl queue tail jobs
+  syncctl queue tail jobs --no-ack --output json")]
+    Tail(QueueTailArgs),
+
+    /// List the topics and their settings.
+    #[command(after_help = "\
+Examples:
+  syncctl queue list
+  syncctl queue list jobs- --output json")]
+    List(QueuePrefixArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueTopicArg {
+    /// The topic's name.
+    pub topic: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueuePrefixArg {
+    /// Only topics whose names start with this (default: all).
+    #[arg(default_value = "")]
+    pub prefix: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueCreateArgs {
+    /// The topic's name.
+    pub topic: String,
+
+    /// How long a delivered message stays invisible before it is delivered again.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub visibility: Option<Duration>,
+
+    /// Deliveries before a message moves to the dead-letter topic (or is dropped without one).
+    #[arg(long, value_name = "N")]
+    pub max_deliveries: Option<u32>,
+
+    /// Where messages go after --max-deliveries.
+    #[arg(long, value_name = "TOPIC")]
+    pub dead_letter: Option<String>,
+
+    /// Most messages the topic keeps.
+    #[arg(long, value_name = "N")]
+    pub max_messages: Option<u64>,
+
+    /// Most payload bytes the topic keeps.
+    #[arg(long, value_name = "BYTES")]
+    pub max_bytes: Option<u64>,
+
+    /// Oldest age of a message the topic keeps.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub max_age: Option<Duration>,
+
+    /// Largest payload accepted.
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_bytes: Option<u64>,
+
+    /// How long a dedup id is remembered.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub dedup_window: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueuePublishArgs {
+    /// The topic's name.
+    pub topic: String,
+
+    /// The payload (default: --file, or stdin).
+    #[arg(conflicts_with = "file")]
+    pub message: Option<String>,
+
+    /// Read the payload from this file.
+    #[arg(long, value_name = "F")]
+    pub file: Option<PathBuf>,
+
+    /// Ordering key: messages with one key are delivered one at a time, in order.
+    #[arg(long, value_name = "K")]
+    pub key: Option<String>,
+
+    /// A repeat of this id within the dedup window publishes nothing.
+    #[arg(long, value_name = "ID")]
+    pub dedup_id: Option<String>,
+
+    /// Not deliverable before this delay.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub delay: Option<Duration>,
+
+    /// An attribute, key=value (repeatable).
+    #[arg(long = "attr", value_name = "K=V", value_parser = parse_attribute)]
+    pub attributes: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueConsumeArgs {
+    /// The topic's name.
+    pub topic: String,
+
+    /// Most messages to receive (1 to 100).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max: u32,
+
+    /// Visibility timeout of these deliveries (default: the topic's).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub visibility: Option<Duration>,
+
+    /// How long to wait for a first message (0: return at once).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+
+    /// Acknowledge the deliveries once printed.
+    #[arg(long)]
+    pub ack: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueReceiptArgs {
+    /// The topic's name.
+    pub topic: String,
+
+    /// The message id from the delivery.
+    pub message_id: String,
+
+    /// The delivery attempt from the receipt (0: the latest delivery).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub attempt: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueNackArgs {
+    #[command(flatten)]
+    pub receipt: QueueReceiptArgs,
+
+    /// Visible again after this delay.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueExtendArgs {
+    #[command(flatten)]
+    pub receipt: QueueReceiptArgs,
+
+    /// Invisible for this long from now.
+    #[arg(long, required = true, value_parser = parse_positive_duration)]
+    pub visibility: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueRedriveArgs {
+    /// The dead-letter topic.
+    pub dead_letters: String,
+
+    /// Where to move them (default: back to the topic each came from).
+    #[arg(long, value_name = "TOPIC")]
+    pub to: Option<String>,
+
+    /// Most messages to move (0: all).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueueTailArgs {
+    /// The topic's name.
+    pub topic: String,
+
+    /// Leave the messages unacknowledged (they are delivered again after their visibility
+    /// timeout).
+    #[arg(long)]
+    pub no_ack: bool,
+
+    /// Visibility timeout of these deliveries (default: the topic's).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub visibility: Option<Duration>,
+}
+
+/// Parses `key=value`.
+fn parse_attribute(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -7,42 +7,22 @@
 //! one operation before its deadline and that operation is allowed to finish), and `--timeout`
 //! gives each call far longer than it needs.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
 use sync_tests::{Cluster, Options, scenario};
-use tokio::process::Command;
+
+mod common;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// `syncctl --endpoints <the cluster> --timeout 30s ARGS --output json`, which must succeed;
 /// its stdout, parsed.
 async fn syncctl_json(c: &Cluster, args: &[&str]) -> anyhow::Result<Value> {
-    let endpoints: Vec<String> = c
-        .ids()
-        .iter()
-        .map(|&id| c.address(id).to_string())
-        .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_syncctl"))
-        .args(["--endpoints", &endpoints.join(","), "--timeout", "30s"])
-        .args(args)
-        .args(["--output", "json"])
-        .env_remove("SYNC_ENDPOINTS")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("cannot run syncctl {args:?}"))?;
-    ensure!(
-        out.status.success(),
-        "syncctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&out.stdout)))
+    let mut all = vec!["--timeout", "30s"];
+    all.extend(args);
+    common::json(c, &all).await
 }
 
 /// The checks every `bench locks` report passes, whatever the mode.

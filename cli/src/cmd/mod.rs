@@ -3,5 +3,6 @@
 
 pub mod dev;
 pub mod lock;
+pub mod queue;
 pub mod session;
 pub mod status;
