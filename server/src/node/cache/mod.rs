@@ -48,7 +48,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::cache::directory::{Holder, HomeEffect};
 use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
-use crate::cache::message::{Envelope, ToNode, Write, WriteResult};
+use crate::cache::message::{Envelope, ToHome, ToNode, Write, WriteResult};
 use crate::cache::node::{
     Answer, InvalidationEvent, LineView, Lookup, NodeEffect, NodeStats, Read,
 };
@@ -62,6 +62,11 @@ use wire::Decoded;
 /// How often the node and the directory are ticked: the most a lease lapse, a TTL or a demand's
 /// deadline is acted on late.
 pub const TICK: Duration = Duration::from_millis(5);
+
+/// Messages for the directory held while no leader is known (older ones are dropped): a Get
+/// issued just before a node learns the new leader would otherwise lose its fill and wait for the
+/// core's operation timeout.
+const MAX_UNSENT: usize = 4096;
 
 /// How many invalidation events a slow Subscribe stream may fall behind before it is ended.
 pub const EVENT_BUFFER: usize = 1024;
@@ -203,6 +208,7 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig) -> CacheHandle {
         cache: CacheNode::new(me, cfg.clone(), incarnation),
         cfg: cfg.clone(),
         dir: None,
+        unsent: std::collections::VecDeque::new(),
         held_grants: Vec::new(),
         confirming: false,
         last_op: 0,
@@ -235,6 +241,8 @@ struct Runtime {
     cache: CacheNode,
     /// The directory, while this node leads.
     dir: Option<Directory>,
+    /// Messages for the directory waiting for a leader to be known, with when they were made.
+    unsent: std::collections::VecDeque<(u64, Envelope<ToHome>)>,
     /// Lease grants waiting for a leadership check.
     held_grants: Vec<(NodeId, Envelope<ToNode>)>,
     /// A leadership check is running.
@@ -311,6 +319,9 @@ impl Runtime {
         if leading && self.dir.is_none() {
             tracing::info!(term, "cache directory started");
             self.dir = Some(Directory::new(self.cfg.clone(), term, now));
+        }
+        if self.current.leader.is_some() {
+            self.flush_unsent();
         }
     }
 
@@ -426,16 +437,7 @@ impl Runtime {
             }
             for e in node_effects {
                 match e {
-                    NodeEffect::ToHome(env) => match &mut self.dir {
-                        // The leader's own node talks to its directory directly.
-                        Some(d) => d.on_message(now, self.me, env),
-                        None => {
-                            let leader = self.current.leader.filter(|&l| l != self.me);
-                            if let Some(addr) = leader.and_then(|l| self.current.address_of(l)) {
-                                self.peers.send(addr, wire::encode_to_home(env));
-                            }
-                        }
-                    },
+                    NodeEffect::ToHome(env) => self.send_to_home(now, env),
                     NodeEffect::Done { op, result } => self.answer(op, result),
                     NodeEffect::Invalidated(ev) => {
                         let _ = self.events.send(ev);
@@ -456,6 +458,38 @@ impl Runtime {
             }
         }
         self.confirm_grants();
+    }
+
+    /// Sends a message to the directory: the leader's own node calls it directly; while no
+    /// leader is known the message waits (see [`MAX_UNSENT`]).
+    fn send_to_home(&mut self, now: u64, env: Envelope<ToHome>) {
+        if let Some(d) = &mut self.dir {
+            d.on_message(now, self.me, env);
+            return;
+        }
+        let leader = self.current.leader.filter(|&l| l != self.me);
+        match leader.and_then(|l| self.current.address_of(l)) {
+            Some(addr) => self.peers.send(addr, wire::encode_to_home(env)),
+            None => {
+                if self.unsent.len() == MAX_UNSENT {
+                    self.unsent.pop_front();
+                }
+                self.unsent.push_back((now, env));
+            }
+        }
+    }
+
+    /// Sends what waited for a leader, except what is older than the core's operation timeout
+    /// (its operation has failed by then).
+    fn flush_unsent(&mut self) {
+        let now = self.now();
+        let timeout = self.cfg.op_timeout_ms;
+        let waiting = std::mem::take(&mut self.unsent);
+        for (at, env) in waiting {
+            if now.saturating_sub(at) < timeout {
+                self.send_to_home(now, env);
+            }
+        }
     }
 
     fn send_to_node(&mut self, now: u64, to: NodeId, msg: Envelope<ToNode>) {

@@ -97,9 +97,14 @@ async fn sender(me: NodeId, addr: String, mut rx: mpsc::Receiver<ipb::CacheEnvel
             return;
         }
     };
+    // Keep-alives notice a dead connection (a peer that restarted or a cut link) within about
+    // two RPC timeouts, rather than whenever TCP gives up.
     let channel = endpoint
         .connect_timeout(RPC_TIMEOUT)
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(RPC_TIMEOUT)
+        .keep_alive_timeout(RPC_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_lazy();
     let mut client = CacheProtocolClient::new(channel);
     while let Some(first) = rx.recv().await {
