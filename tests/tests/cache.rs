@@ -371,3 +371,252 @@ async fn a_restarted_node_reads_the_writes_it_missed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_directory_stops_hitting_within_its_lease() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let cut = c
+            .ids()
+            .into_iter()
+            .find(|&id| id != leader.id)
+            .context("no follower")?;
+        let v1 = first_set(c, leader.id, "p", "before").await?;
+        get(c, cut, "p").await?;
+        let g = get(c, cut, "p").await?;
+        ensure!(
+            g.hit && g.version == v1,
+            "the follower does not hit before the cut: {g:?}"
+        );
+
+        c.network().isolate(cut);
+        let cut_at = Instant::now();
+        c.note(format!("node {cut} isolated"));
+        // The write cannot reach the cut-off holder: it waits out the holder's lease.
+        let v2 = set(c, leader.id, "p", "after").await?;
+        let written_at = Instant::now();
+        ensure!(v2 > v1);
+        c.note(format!(
+            "write done {:?} after the cut",
+            written_at - cut_at
+        ));
+
+        // From now on the cut-off node must not serve the old value: it misses (and cannot
+        // fill, so the call fails) or, never, hits the old version.
+        let short = |msg| {
+            let mut r = Request::new(msg);
+            r.set_timeout(Duration::from_millis(500));
+            r
+        };
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            let r = c
+                .client(cut)
+                .cache()
+                .get(short(api::CacheGetRequest { key: "p".into() }))
+                .await;
+            if let Ok(g) = r {
+                let g = g.into_inner();
+                ensure!(
+                    g.version >= v2,
+                    "node {cut} served version {} after the write of {v2} completed: {g:?}",
+                    g.version
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        c.network().heal();
+        c.note("healed");
+        let g = eventually(
+            "the healed node reads the new value",
+            Duration::from_secs(30),
+            async || {
+                let g = get(c, cut, "p").await?;
+                ensure!(g.version == v2 && g.value == "after", "{g:?}");
+                Ok(g)
+            },
+        )
+        .await?;
+        c.note(format!("after the heal: {g:?}"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_leader_dies_no_node_serves_a_line_of_the_old_directory() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let old = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let v1 = first_set(c, old.id, "f", "old").await?;
+        let others: Vec<u64> = c.ids().into_iter().filter(|&id| id != old.id).collect();
+        for &id in &others {
+            get(c, id, "f").await?;
+        }
+        c.kill9(old.id).await?;
+        let new = c
+            .wait_for_leader_where(Duration::from_secs(10), "a new leader", |l| l.id != old.id)
+            .await?;
+        c.note(format!("node {} leads after node {} died", new.id, old.id));
+        let writer = others[0];
+        let reader = others[1];
+        let v2 = first_set(c, writer, "f", "new").await?;
+        ensure!(v2 > v1);
+        let g = get(c, reader, "f").await?;
+        ensure!(
+            g.version == v2 && g.value == "new",
+            "node {reader} after the failover: {g:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_compare_and_set_many_ttl_and_subscribe_behave_as_documented() {
+    scenario(3, Options::default(), Duration::from_secs(90), async |c| {
+        c.wait_for_leader(Duration::from_secs(5)).await?;
+        first_set(c, 1, "warm-up", "x").await?;
+        let mut cache1 = c.client(1).cache();
+        let mut cache2 = c.client(2).cache();
+
+        // Subscribe on node 2, which then holds a line of "s".
+        let mut events = cache2
+            .subscribe(Request::new(api::CacheSubscribeRequest {
+                prefix: "s".into(),
+            }))
+            .await?
+            .into_inner();
+        let v1 = set(c, 1, "s", "one").await?;
+        let g = get(c, 2, "s").await?;
+        ensure!(g.version == v1, "{g:?}");
+
+        // CompareAndSet: a wrong version changes nothing; the right one writes and invalidates
+        // node 2's line, which its subscriber hears.
+        let r = cache1
+            .compare_and_set(request(api::CompareAndSetRequest {
+                key: "s".into(),
+                expected_version: v1 + 1000,
+                value: Bytes::from("never"),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(!r.success && r.version == v1, "{r:?}");
+        let r = cache1
+            .compare_and_set(request(api::CompareAndSetRequest {
+                key: "s".into(),
+                expected_version: v1,
+                value: Bytes::from("two"),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(r.success && r.version > v1, "{r:?}");
+        let v2 = r.version;
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .context("no invalidation event within 5 s")??
+            .context("the stream ended")?;
+        ensure!(
+            ev.key == "s"
+                && ev.version == v1
+                && ev.reason == api::InvalidationReason::Written as i32,
+            "{ev:?}"
+        );
+        let g = get(c, 2, "s").await?;
+        ensure!(g.version == v2 && g.value == "two", "{g:?}");
+
+        // Delete: gone everywhere, and a second delete finds nothing.
+        let d = cache2
+            .delete(request(api::CacheDeleteRequest {
+                key: "s".into(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(d.deleted && d.version > v2, "{d:?}");
+        for id in c.ids() {
+            let g = get(c, id, "s").await?;
+            ensure!(
+                !g.found && g.version == d.version,
+                "node {id} after the delete: {g:?}"
+            );
+        }
+        let d2 = cache1
+            .delete(request(api::CacheDeleteRequest {
+                key: "s".into(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(!d2.deleted, "{d2:?}");
+
+        // SetMany then GetMany, in order.
+        let entries = (0..5)
+            .map(|i| api::CacheSetEntry {
+                key: format!("m{i}"),
+                value: Bytes::from(format!("v{i}")),
+                ttl_ms: 0,
+            })
+            .collect();
+        let w = cache1
+            .set_many(request(api::SetManyRequest {
+                entries,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(
+            w.versions.len() == 5 && w.versions.windows(2).all(|p| p[0] < p[1]),
+            "{w:?}"
+        );
+        let r = cache2
+            .get_many(request(api::GetManyRequest {
+                keys: (0..5).map(|i| format!("m{i}")).collect(),
+            }))
+            .await?
+            .into_inner();
+        for (i, g) in r.results.iter().enumerate() {
+            ensure!(
+                g.key == format!("m{i}")
+                    && g.value == format!("v{i}")
+                    && g.version == w.versions[i],
+                "GetMany result {i}: {g:?}"
+            );
+        }
+
+        // A TTL: readable with its expiry, then gone.
+        cache1
+            .set(request(api::CacheSetRequest {
+                key: "t".into(),
+                value: Bytes::from("brief"),
+                ttl_ms: 1500,
+                ..Default::default()
+            }))
+            .await?;
+        let g = get(c, 2, "t").await?;
+        ensure!(g.found && g.expires_unix_ms > 0, "{g:?}");
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let g = get(c, 2, "t").await?;
+        ensure!(!g.found, "the TTL ran out but node 2 read {g:?}");
+
+        // Errors: an empty key and too many keys are INVALID_ARGUMENT.
+        let e = cache1
+            .get(request(api::CacheGetRequest { key: String::new() }))
+            .await
+            .err()
+            .context("an empty key was accepted")?;
+        ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
+        let stats = cache2
+            .stats(request(api::CacheStatsRequest {}))
+            .await?
+            .into_inner();
+        ensure!(
+            stats.node_id == 2 && stats.misses > 0 && stats.invalidations_received > 0,
+            "{stats:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
