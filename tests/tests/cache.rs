@@ -21,8 +21,12 @@ use tonic::Request;
 const CALL: Duration = Duration::from_secs(10);
 
 fn request<T>(msg: T) -> Request<T> {
+    request_within(msg, CALL)
+}
+
+fn request_within<T>(msg: T, deadline: Duration) -> Request<T> {
     let mut r = Request::new(msg);
-    r.set_timeout(CALL);
+    r.set_timeout(deadline);
     r
 }
 
@@ -382,12 +386,16 @@ async fn a_node_cut_off_from_the_directory_stops_hitting_within_its_lease() {
             .find(|&id| id != leader.id)
             .context("no follower")?;
         let v1 = first_set(c, leader.id, "p", "before").await?;
-        get(c, cut, "p").await?;
-        let g = get(c, cut, "p").await?;
-        ensure!(
-            g.hit && g.version == v1,
-            "the follower does not hit before the cut: {g:?}"
-        );
+        eventually(
+            "the follower hits before the cut",
+            Duration::from_secs(10),
+            async || {
+                let g = get(c, cut, "p").await?;
+                ensure!(g.hit && g.version == v1, "{g:?}");
+                Ok(())
+            },
+        )
+        .await?;
 
         c.network().isolate(cut);
         let cut_at = Instant::now();
@@ -403,17 +411,15 @@ async fn a_node_cut_off_from_the_directory_stops_hitting_within_its_lease() {
 
         // From now on the cut-off node must not serve the old value: it misses (and cannot
         // fill, so the call fails) or, never, hits the old version.
-        let short = |msg| {
-            let mut r = Request::new(msg);
-            r.set_timeout(Duration::from_millis(500));
-            r
-        };
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
             let r = c
                 .client(cut)
                 .cache()
-                .get(short(api::CacheGetRequest { key: "p".into() }))
+                .get(request_within(
+                    api::CacheGetRequest { key: "p".into() },
+                    Duration::from_millis(500),
+                ))
                 .await;
             if let Ok(g) = r {
                 let g = g.into_inner();
