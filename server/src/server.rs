@@ -152,7 +152,7 @@ pub async fn serve(
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
 
     let forwarder = Arc::new(Forwarder::default());
-    let cache = node::cache::spawn(node.clone(), crate::cache::CacheConfig::default());
+    let cache = node::cache::spawn(node.clone(), node.settings.cache.clone());
     let raft_service = RaftServer::new(RaftService {
         driver: running.handle.inputs(),
         timeout: rpc_timeout,
