@@ -8,7 +8,7 @@
 //!   called directly), and the directory's messages to each node ([`transport`]);
 //! - calls `CacheNode::on_new_epoch` as soon as Raft reports a leader of a newer term;
 //! - creates the directory with the term when its node becomes leader and drops it the moment
-//!   the node is not leader of that term any more;
+//!   the node is not leader of that term any more (and never starts a second one for a term);
 //! - runs the directory's memory requests against the replicated state ([`crate::state::
 //!   cache_memory`]): a write is a Raft proposal, a read a linearizable (ReadIndex) read;
 //! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe.
@@ -208,6 +208,7 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig) -> CacheHandle {
         cache: CacheNode::new(me, cfg.clone(), incarnation),
         cfg: cfg.clone(),
         dir: None,
+        last_epoch: 0,
         unsent: std::collections::VecDeque::new(),
         held_grants: Vec::new(),
         confirming: false,
@@ -241,6 +242,10 @@ struct Runtime {
     cache: CacheNode,
     /// The directory, while this node leads.
     dir: Option<Directory>,
+    /// The epoch of the last directory started here. A directory is never started twice for
+    /// one epoch: a second one would hand out the first one's session numbers again, and a node
+    /// holding lines of the first could keep serving them under the second's leases.
+    last_epoch: Epoch,
     /// Messages for the directory waiting for a leader to be known, with when they were made.
     unsent: std::collections::VecDeque<(u64, Envelope<ToHome>)>,
     /// Lease grants waiting for a leadership check.
@@ -316,8 +321,9 @@ impl Runtime {
         if current.is_some() && (!leading || current != Some(term)) {
             self.drop_directory("no longer the leader of its term");
         }
-        if leading && self.dir.is_none() {
+        if leading && self.dir.is_none() && term > self.last_epoch {
             tracing::info!(term, "cache directory started");
+            self.last_epoch = term;
             self.dir = Some(Directory::new(self.cfg.clone(), term, now));
         }
         if self.current.leader.is_some() {
