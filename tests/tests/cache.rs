@@ -200,134 +200,156 @@ fn floor_at(prefix: &BTreeMap<String, Vec<(Instant, u64)>>, key: &str, t: Instan
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_on_every_node_and_no_reader_sees_a_stale_value() {
     scenario(3, Options::default(), Duration::from_secs(120), async |c| {
-        c.wait_for_leader(Duration::from_secs(5)).await?;
-        let keys = ["a", "b", "c"];
-        for k in keys {
-            first_set(c, 1, k, "init").await?;
-        }
-        let writes: Arc<Mutex<Vec<Op>>> = Arc::default();
-        let reads: Arc<Mutex<Vec<Op>>> = Arc::default();
-        let stop = Instant::now() + Duration::from_secs(8);
-        let mut tasks = Vec::new();
-        for id in c.ids() {
+        concurrent_workload(c, false).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_sees_a_stale_value_while_the_leader_is_killed_and_restarted() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        concurrent_workload(c, true).await
+    })
+    .await;
+}
+
+/// Writers on every node and two readers per node for 8 s, then the checks: no phantom value,
+/// no stale read, no read going back in time, and some hits. With `kill_leader`, the leader is
+/// killed 2 s in and restarted 1 s later: writes fail or wait for the new directory meanwhile,
+/// and none of the checks may break.
+async fn concurrent_workload(c: &mut Cluster, kill_leader: bool) -> anyhow::Result<()> {
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+    let keys = ["a", "b", "c"];
+    for k in keys {
+        first_set(c, 1, k, "init").await?;
+    }
+    let writes: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let reads: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for id in c.ids() {
+        let client = c.client(id);
+        let writes = writes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                n += 1;
+                let key = keys[(n as usize) % keys.len()];
+                let value = format!("n{id}-{n}");
+                let start = Instant::now();
+                let r = client
+                    .cache()
+                    .set(request(api::CacheSetRequest {
+                        key: key.into(),
+                        value: Bytes::from(value.clone()),
+                        ..Default::default()
+                    }))
+                    .await;
+                // A failed or timed-out write is simply not counted as completed.
+                if let Ok(r) = r {
+                    writes.lock().expect("lock").push(Op {
+                        key: key.into(),
+                        version: r.into_inner().version,
+                        value,
+                        start,
+                        end: Instant::now(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+        for reader in 0..2 {
             let client = c.client(id);
-            let writes = writes.clone();
+            let reads = reads.clone();
             tasks.push(tokio::spawn(async move {
-                let mut n = 0u64;
+                let mut n = reader;
                 while Instant::now() < stop {
                     n += 1;
-                    let key = keys[(n as usize) % keys.len()];
-                    let value = format!("n{id}-{n}");
+                    let key = keys[n % keys.len()];
                     let start = Instant::now();
                     let r = client
                         .cache()
-                        .set(request(api::CacheSetRequest {
-                            key: key.into(),
-                            value: Bytes::from(value.clone()),
-                            ..Default::default()
-                        }))
+                        .get(request(api::CacheGetRequest { key: key.into() }))
                         .await;
-                    // A failed or timed-out write is simply not counted as completed.
                     if let Ok(r) = r {
-                        writes.lock().expect("lock").push(Op {
+                        let r = r.into_inner();
+                        reads.lock().expect("lock").push(Op {
                             key: key.into(),
-                            version: r.into_inner().version,
-                            value,
+                            version: r.version,
+                            value: String::from_utf8_lossy(&r.value).into_owned(),
                             start,
                             end: Instant::now(),
                         });
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Leaves the two shared cores to the nodes.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }));
-            for reader in 0..2 {
-                let client = c.client(id);
-                let reads = reads.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut n = reader;
-                    while Instant::now() < stop {
-                        n += 1;
-                        let key = keys[n % keys.len()];
-                        let start = Instant::now();
-                        let r = client
-                            .cache()
-                            .get(request(api::CacheGetRequest { key: key.into() }))
-                            .await;
-                        if let Ok(r) = r {
-                            let r = r.into_inner();
-                            reads.lock().expect("lock").push(Op {
-                                key: key.into(),
-                                version: r.version,
-                                value: String::from_utf8_lossy(&r.value).into_owned(),
-                                start,
-                                end: Instant::now(),
-                            });
-                        }
-                        // Leaves the two shared cores to the nodes.
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }));
-            }
         }
-        for t in tasks {
-            t.await?;
-        }
-        let writes = writes.lock().expect("lock").clone();
-        let reads = reads.lock().expect("lock").clone();
-        ensure!(writes.len() >= 30, "only {} writes completed", writes.len());
-        ensure!(reads.len() >= 100, "only {} reads completed", reads.len());
-        let by_version: BTreeMap<(String, u64), String> = writes
-            .iter()
-            .map(|w| ((w.key.clone(), w.version), w.value.clone()))
-            .collect();
-        let write_floor = prefix_max(&writes);
-        let read_floor = prefix_max(&reads);
-        for r in &reads {
-            // No phantom: a version some write was acknowledged with carries that write's value.
-            if let Some(v) = by_version.get(&(r.key.clone(), r.version)) {
-                ensure!(
-                    *v == r.value,
-                    "read {r:?} but version {} was {v}",
-                    r.version
-                );
-            }
-            // No stale read: not older than a write completed before the read began.
-            let floor = floor_at(&write_floor, &r.key, r.start);
+    }
+    if kill_leader {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.kill9(leader.id).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.restart(leader.id).await?;
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let writes = writes.lock().expect("lock").clone();
+    let reads = reads.lock().expect("lock").clone();
+    ensure!(writes.len() >= 30, "only {} writes completed", writes.len());
+    ensure!(reads.len() >= 100, "only {} reads completed", reads.len());
+    let by_version: BTreeMap<(String, u64), String> = writes
+        .iter()
+        .map(|w| ((w.key.clone(), w.version), w.value.clone()))
+        .collect();
+    let write_floor = prefix_max(&writes);
+    let read_floor = prefix_max(&reads);
+    for r in &reads {
+        // No phantom: a version some write was acknowledged with carries that write's value.
+        if let Some(v) = by_version.get(&(r.key.clone(), r.version)) {
             ensure!(
-                r.version >= floor,
-                "stale read {r:?}: a write of version {floor} had completed"
-            );
-            // Reads do not go back in time.
-            let seen = floor_at(&read_floor, &r.key, r.start);
-            ensure!(
-                r.version >= seen,
-                "read {r:?} went back before version {seen}"
+                *v == r.value,
+                "read {r:?} but version {} was {v}",
+                r.version
             );
         }
-        let hits: u64 = {
-            let mut total = 0;
-            for id in c.ids() {
-                let s = c
-                    .client(id)
-                    .cache()
-                    .stats(request(api::CacheStatsRequest {}))
-                    .await?
-                    .into_inner();
-                total += s.hits;
-            }
-            total
-        };
-        ensure!(hits > 0, "no read was a hit");
-        let summary = format!(
-            "{} writes, {} reads, {hits} hits, no stale read",
-            writes.len(),
-            reads.len()
+        // No stale read: not older than a write completed before the read began.
+        let floor = floor_at(&write_floor, &r.key, r.start);
+        ensure!(
+            r.version >= floor,
+            "stale read {r:?}: a write of version {floor} had completed"
         );
-        eprintln!("{summary}");
-        c.note(summary);
-        Ok(())
-    })
-    .await;
+        // Reads do not go back in time.
+        let seen = floor_at(&read_floor, &r.key, r.start);
+        ensure!(
+            r.version >= seen,
+            "read {r:?} went back before version {seen}"
+        );
+    }
+    let hits: u64 = {
+        let mut total = 0;
+        for id in c.ids() {
+            let s = c
+                .client(id)
+                .cache()
+                .stats(request(api::CacheStatsRequest {}))
+                .await?
+                .into_inner();
+            total += s.hits;
+        }
+        total
+    };
+    ensure!(hits > 0, "no read was a hit");
+    let summary = format!(
+        "{} writes, {} reads, {hits} hits, no stale read",
+        writes.len(),
+        reads.len()
+    );
+    eprintln!("{summary}");
+    c.note(summary);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
