@@ -11,7 +11,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use sync_proto::internal::v1::cache_protocol_server::CacheProtocolServer;
 use sync_proto::raft::v1::raft_server::RaftServer;
+use sync_proto::sync::v1::cache_server::CacheServer;
 use sync_proto::sync::v1::cluster_server::ClusterServer;
 use sync_proto::sync::v1::kv_server::KvServer;
 use sync_proto::sync::v1::lock_server::LockServer;
@@ -21,6 +23,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::Forwarder;
+use crate::api::cache::CacheService;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::lock::LockService;
@@ -35,7 +38,8 @@ use crate::node::{self, NodeError, StartError};
 pub const HEALTH_MAX_APPLY_LAG: u64 = 1000;
 
 /// The public services whose health is reported.
-const SERVICES: [&str; 4] = [
+const SERVICES: [&str; 5] = [
+    "sync.v1.Cache",
     "sync.v1.Cluster",
     "sync.v1.Kv",
     "sync.v1.Lock",
@@ -151,6 +155,7 @@ pub async fn serve(
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
 
     let forwarder = Arc::new(Forwarder::default());
+    let cache = node::cache::spawn(node.clone(), node.settings.cache.clone());
     let raft_service = RaftServer::new(RaftService {
         driver: running.handle.inputs(),
         timeout: rpc_timeout,
@@ -173,6 +178,15 @@ pub async fn serve(
         })
         .layer(GrpcMetricsLayer::new())
         .add_service(raft_service)
+        .add_service(CacheProtocolServer::new(
+            node::cache::transport::CacheProtocolService {
+                cache: cache.clone(),
+            },
+        ))
+        .add_service(CacheServer::new(CacheService {
+            node: node.clone(),
+            cache,
+        }))
         .add_service(ClusterServer::new(ClusterService {
             node: node.clone(),
             forwarder: forwarder.clone(),

@@ -177,6 +177,11 @@ impl NodeClient {
         KvClient::new(self.channel.clone())
     }
 
+    /// The raw Cache client.
+    pub fn cache(&self) -> sync_proto::sync::v1::cache_client::CacheClient<Channel> {
+        sync_proto::sync::v1::cache_client::CacheClient::new(self.channel.clone())
+    }
+
     /// The raw Lock client.
     pub fn lock(&self) -> sync_proto::sync::v1::lock_client::LockClient<Channel> {
         sync_proto::sync::v1::lock_client::LockClient::new(self.channel.clone())

@@ -1,6 +1,7 @@
 //! The public gRPC services: each file translates requests into node calls and node errors into
 //! gRPC statuses, and forwards what must run on the leader.
 //!
+//! - [`cache`]: `sync.v1.Cache` (node-local reads and writes through the coherent cache).
 //! - [`cluster`]: `sync.v1.Cluster` (status, membership, leadership, snapshots, watch).
 //! - [`kv`]: `sync.v1.Kv` (replicated registers).
 //!
@@ -9,6 +10,7 @@
 //! forward to each other forever. When it cannot be forwarded the answer is UNAVAILABLE with
 //! the `x-sync-leader-id` / `x-sync-leader-addr` trailers naming the leader if known.
 
+pub mod cache;
 pub mod cluster;
 pub mod kv;
 pub mod lock;

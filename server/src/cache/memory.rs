@@ -14,14 +14,18 @@
 //!    deletions may report any version at least as large as every purged one).
 //! 3. **Exactly one answer** per request, and an `Err` means the request did not take effect
 //!    and never will. An ambiguous outcome must be resolved before answering (Raft: wait until
-//!    the entry commits or leadership is lost; Redis: read the version back). This is what
+//!    the entry's index commits, with this entry or another; losing leadership alone does not
+//!    resolve it, since the next leader may still commit the entry, so the shell then stops the
+//!    directory instead of answering; Redis: read the version back). This is what
 //!    makes a failed write leave no trace: the directory lets the key's next operation start as
 //!    soon as it has the answer, so a write that landed later would be invisible to it.
 //! 4. **Fenced by epoch**: a request carries the directory's epoch, and once a newer epoch has
-//!    taken over memory, requests of older epochs fail. Raft gives this for free (a deposed
+//!    taken over memory, requests of older epochs fail. Raft gives most of this (a deposed
 //!    leader cannot commit; a new leader commits or truncates every older entry before its
-//!    first entry of its own term); Redis needs the epoch checked in the same script as the
-//!    write.
+//!    first entry of its own term), but not all: a directory left over from an older term on a
+//!    node that leads again would commit in the new term, so the replicated write names its
+//!    epoch and is refused in an entry of another term. Redis needs the epoch checked in the
+//!    same script as the write.
 //! 5. **TTL**: memory stamps the expiry (the leader's clock) and reports the time left on read.
 
 use super::{Epoch, Stored, message::Write, message::WriteResult};

@@ -82,6 +82,23 @@ pub struct Flags {
     /// Take a snapshot and compact the log after this many applied entries.
     #[arg(long, env = "SYNCD_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
+    /// Cache lease length L (default 5s): a node cut off from the cache directory stops serving
+    /// hits this long after its last answered renewal, and a write waits at most about this
+    /// long for a holder it cannot reach.
+    #[arg(long, env = "SYNCD_CACHE_LEASE", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub cache_lease: Option<Duration>,
+    /// Margin the cache directory adds to every lease for clock-rate drift (default: a
+    /// twentieth of the lease, which tolerates clocks that differ in rate by up to 2.4%).
+    #[arg(long, env = "SYNCD_CACHE_DRIFT_MARGIN", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub cache_drift_margin: Option<Duration>,
+    /// Bytes of keys and values this node's cache holds before evicting (default 64 MiB).
+    #[arg(long, env = "SYNCD_CACHE_CAPACITY_BYTES")]
+    pub cache_capacity_bytes: Option<u64>,
+    /// Largest cache value accepted, in bytes (default 1 MiB).
+    #[arg(long, env = "SYNCD_CACHE_MAX_VALUE_BYTES")]
+    pub cache_max_value_bytes: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "SYNCD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -134,6 +151,8 @@ pub struct Settings {
     pub peer_timeout: Duration,
     /// Entries between snapshots.
     pub snapshot_threshold: u64,
+    /// The cache's settings.
+    pub cache: crate::cache::CacheConfig,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -288,10 +307,38 @@ impl Flags {
             election_timeout,
             peer_timeout,
             snapshot_threshold,
+            cache_lease,
+            cache_drift_margin,
+            cache_capacity_bytes,
+            cache_max_value_bytes,
             log_format,
             log_level
         );
         Ok(self)
+    }
+
+    /// The cache's settings from the `--cache-*` flags. Renewals go five times per lease, so
+    /// one or two lost renewals do not end it.
+    fn cache_config(&self) -> Result<crate::cache::CacheConfig, ConfigError> {
+        let defaults = crate::cache::CacheConfig::default();
+        let lease_ms = self
+            .cache_lease
+            .map_or(defaults.lease_ms, |d| d.as_millis() as u64);
+        let cfg = crate::cache::CacheConfig {
+            lease_ms,
+            drift_margin_ms: self
+                .cache_drift_margin
+                .map_or(lease_ms / 20, |d| d.as_millis() as u64),
+            renew_every_ms: (lease_ms / 5).max(1),
+            capacity_bytes: self.cache_capacity_bytes.unwrap_or(defaults.capacity_bytes),
+            max_value_bytes: self
+                .cache_max_value_bytes
+                .unwrap_or(defaults.max_value_bytes),
+            ..defaults
+        };
+        cfg.validate()
+            .map_err(|e| ConfigError(format!("cache settings (--cache-*): {e}")))?;
+        Ok(cfg)
     }
 
     /// Checks the flags against each other and against the data directory, creating the
@@ -421,6 +468,7 @@ impl Flags {
         {
             return err("--metrics-listen must differ from --listen");
         }
+        let cache = self.cache_config()?;
         let cluster_id = if initial.members.is_empty() {
             String::new()
         } else {
@@ -449,6 +497,7 @@ impl Flags {
             election_timeout,
             peer_timeout,
             snapshot_threshold,
+            cache,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
         })
@@ -507,6 +556,34 @@ mod tests {
             assert!(e.contains(expected), "{e:?} should mention {expected:?}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
+    }
+
+    #[test]
+    fn cache_flags_set_the_lease_its_margin_and_renewals_and_a_lease_of_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Flags {
+            cache_lease: Some(Duration::from_secs(2)),
+            cache_capacity_bytes: Some(1 << 20),
+            ..flags(dir.path(), 1, CLUSTER)
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (
+                s.cache.lease_ms,
+                s.cache.drift_margin_ms,
+                s.cache.renew_every_ms
+            ),
+            (2_000, 100, 400)
+        );
+        assert_eq!(s.cache.capacity_bytes, 1 << 20);
+        let e = Flags {
+            cache_lease: Some(Duration::ZERO),
+            ..flags(dir.path(), 1, CLUSTER)
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.to_string().contains("--cache-"), "{e}");
     }
 
     #[test]

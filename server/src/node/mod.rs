@@ -1,5 +1,6 @@
 //! # The node runtime: the async shell around the pure Raft engine
 //!
+//! - [`cache`]: the cache runtime (node side and, on the leader, the directory) and its transport.
 //! - [`config`]: flags, environment, config file, data-dir identity.
 //! - [`driver`]: the one task that owns the engine and the replicated state.
 //! - [`persist`]: the WAL thread (group commit).
@@ -11,6 +12,7 @@
 //! the engine then hands the committed entries after the snapshot to the driver, which applies
 //! them again, so the state is rebuilt before it serves.
 
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod driver;

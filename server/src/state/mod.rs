@@ -4,6 +4,7 @@
 //! order, every replica computes the same state. Time, when a command needs it, comes from the
 //! log (stamped by the leader in [`Command::leader_time_unix_ms`]), never from the local clock.
 //!
+//! - [`cache_memory`]: the cache's backing copy of every key (memory for the `Cache` service).
 //! - [`dedup`]: the client table that makes a retried request apply once (Raft dissertation
 //!   §6.3).
 //! - [`kv`]: replicated registers (the `Kv` service).
@@ -20,6 +21,7 @@
 //! [`ReplicatedState`] ties them together: it applies committed entries and snapshots itself.
 //! Each primitive (locks, queues, cache) plugs in beside `kv` with its own commands.
 
+pub mod cache_memory;
 pub mod dedup;
 pub mod kv;
 pub mod locks;
@@ -30,6 +32,7 @@ use prost::Message as _;
 use sync_proto::internal::v1 as ipb;
 use sync_proto::raft::v1 as pb;
 
+use cache_memory::CacheMemory;
 use dedup::{ClientTable, Dedup};
 use kv::KvState;
 use locks::{At, LockTable};
@@ -96,6 +99,8 @@ pub struct ReplicatedState {
     locks: LockTable,
     /// Topics and messages.
     queues: QueueState,
+    /// The cache's memory.
+    cache: CacheMemory,
     /// What applying produced for the node to report (lock events, ended waits).
     notices: Vec<Notice>,
 }
@@ -110,6 +115,7 @@ impl Default for ReplicatedState {
             epoch_term: 0,
             locks: LockTable::default(),
             queues: QueueState::default(),
+            cache: CacheMemory::default(),
             notices: Vec::new(),
         }
     }
@@ -144,6 +150,11 @@ impl ReplicatedState {
     /// The queues.
     pub fn queues(&self) -> &QueueState {
         &self.queues
+    }
+
+    /// The cache's memory.
+    pub fn cache_memory(&self) -> &CacheMemory {
+        &self.cache
     }
 
     /// The earliest leader time at which a [`ipb::Tick`] would change something.
@@ -211,7 +222,7 @@ impl ReplicatedState {
         let result = match request {
             Some(request) => match self.dedup.check(&request) {
                 Dedup::Apply => {
-                    let result = self.execute(entry.index, command, Some(&request));
+                    let result = self.execute(entry, command, Some(&request));
                     self.dedup
                         .record(&request, entry.index, Bytes::from(result.encode_to_vec()));
                     Applied::Result(result)
@@ -221,7 +232,7 @@ impl ReplicatedState {
                 ),
                 Dedup::Expired => Applied::Expired,
             },
-            None => Applied::Result(self.execute(entry.index, command, None)),
+            None => Applied::Result(self.execute(entry, command, None)),
         };
         self.collect_notices();
         result
@@ -269,7 +280,7 @@ impl ReplicatedState {
 
     fn execute(
         &mut self,
-        index: u64,
+        entry: &pb::Entry,
         command: Result<ipb::Command, prost::DecodeError>,
         request: Option<&pb::RequestId>,
     ) -> ipb::CommandResult {
@@ -283,6 +294,7 @@ impl ReplicatedState {
                 };
             }
         };
+        let index = entry.index;
         let at = At {
             index,
             now_ms: self.now_ms,
@@ -313,6 +325,12 @@ impl ReplicatedState {
                     .extend(ready.into_iter().map(Notice::QueueReady));
                 Some(R::Queue(result))
             }
+            Some(Op::CacheWrite(w)) => Some(R::CacheWrite(self.cache.apply(
+                index,
+                entry.term,
+                self.now_ms,
+                &w,
+            ))),
             None => Some(R::Rejected("command has no operation".into())),
         };
         ipb::CommandResult { result }
@@ -354,6 +372,7 @@ impl ReplicatedState {
             epoch_term: self.epoch_term,
             locks: Some(self.locks.snapshot()),
             queues: Some(self.queues.snapshot()),
+            cache: Some(self.cache.snapshot()),
         }
         .encode_to_vec()
     }
@@ -368,6 +387,7 @@ impl ReplicatedState {
             locks: LockTable::restore(snap.locks.unwrap_or_default()),
             queues: QueueState::restore(snap.queues.unwrap_or_default())
                 .map_err(|e| StateError::Queue(e.to_string()))?,
+            cache: CacheMemory::restore(snap.cache.unwrap_or_default()),
             ..Default::default()
         };
         for r in snap.kv {

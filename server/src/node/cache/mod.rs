@@ -1,0 +1,652 @@
+//! # The cache runtime: the async shell around the cache protocol's pure core
+//!
+//! Every node runs one task ([`spawn`]) that owns the node's [`CacheNode`] and, while the node
+//! leads, the [`Directory`] (one for all keys, its epoch the leader's term; see
+//! `docs/cache.md`). The task
+//! - ticks both every [`TICK`];
+//! - sends the node's messages for the directory to the current leader (its own directory is
+//!   called directly), and the directory's messages to each node ([`transport`]);
+//! - calls `CacheNode::on_new_epoch` as soon as Raft reports a leader of a newer term;
+//! - creates the directory with the term when its node becomes leader and drops it the moment
+//!   the node is not leader of that term any more (and never starts a second one for a term);
+//! - runs the directory's memory requests against the replicated state ([`crate::state::
+//!   cache_memory`]): a write is a Raft proposal, a read a linearizable (ReadIndex) read;
+//! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe.
+//!
+//! ## The two runtime requirements of `docs/cache.md`
+//! **The old directory stops before the new one starts.** `docs/cache.md` asks for the
+//! directory to run only while its node leads with a valid leader lease. The engine runs
+//! ReadIndex in its `Safe` mode (no leader lease), so the runtime takes the variant the document
+//! names instead: leadership is confirmed by a ReadIndex round before lease grants go out. Lease
+//! grants are held back in a batch; a linearizable read is started after the last of them was
+//! made, and the batch is sent only if it succeeds in the same epoch. A successful ReadIndex
+//! started at time `c` means a quorum acknowledged this term after `c`, so no newer leader was
+//! elected before `c`, and the renewals in the batch were all sent before `c`. A node's lease
+//! runs `L` from its renewal's sending, so it ends before `new leader's election + L`, which the
+//! new directory waits out (`L + margin` from its creation) before its first write. Other
+//! directory messages need no confirmation: a line is only served under a lease, and a deposed
+//! directory can neither write memory (Raft fences it) nor read it (ReadIndex fails).
+//!
+//! **A memory error means "not applied, and never will be".** A write's proposal is waited for
+//! until the driver reports its real outcome: applied (the entry committed in this term), or
+//! refused before it was appended (not leader, engine refusal), which is answered as
+//! UNAVAILABLE. Every other failure (leadership lost while the entry was in flight, a snapshot
+//! that may or may not contain it, shutdown) is ambiguous: it is not answered at all, and the
+//! directory is dropped, because each of them means its epoch is over. The writer then times
+//! out (DEADLINE_EXCEEDED: may or may not have happened), which is what the contract allows.
+//! The write also names its epoch, and the state machine refuses it unless the entry is of that
+//! term, so a directory left over from an older term of a node that leads again cannot write.
+
+pub mod transport;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sync_proto::internal::v1 as ipb;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::cache::directory::{Holder, HomeEffect};
+use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
+use crate::cache::message::{Envelope, ToHome, ToNode, Write, WriteResult};
+use crate::cache::node::{
+    Answer, InvalidationEvent, LineView, Lookup, NodeEffect, NodeStats, Read,
+};
+use crate::cache::{CacheConfig, CacheError, CacheNode, Directory, Epoch, NodeId, OpId};
+use crate::node::driver::{NodeStatus, now_unix_ms};
+use crate::node::{NodeError, NodeHandle};
+use crate::raft::Role;
+use crate::state::Applied;
+use wire::Decoded;
+
+/// How often the node and the directory are ticked: the most a lease lapse, a TTL or a demand's
+/// deadline is acted on late.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Messages for the directory held while no leader is known (older ones are dropped): a Get
+/// issued just before a node learns the new leader would otherwise lose its fill and wait for the
+/// core's operation timeout.
+const MAX_UNSENT: usize = 4096;
+
+/// How many invalidation events a slow Subscribe stream may fall behind before it is ended.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// One key as this node and (on the leader) the directory see it, for the State call.
+#[derive(Clone, Debug)]
+pub struct KeyState {
+    /// This node's line.
+    pub line: LineView,
+    /// The directory's records of the key, if this node runs the directory.
+    pub holders: Option<Vec<(NodeId, Holder)>>,
+}
+
+/// Counters for the Stats call.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheStats {
+    /// The node's counters.
+    pub node: NodeStats,
+    /// Bytes held in lines.
+    pub bytes: u64,
+    /// Lines held.
+    pub entries: usize,
+    /// Invalidations sent by every directory this node has run.
+    pub invalidations_sent: u64,
+}
+
+/// What the API services hold to use the cache.
+#[derive(Clone)]
+pub struct CacheHandle {
+    inputs: mpsc::UnboundedSender<Input>,
+    events: broadcast::Sender<InvalidationEvent>,
+    /// The settings.
+    pub cfg: CacheConfig,
+}
+
+fn stopped() -> CacheError {
+    CacheError::Unavailable("the node's cache is shutting down".into())
+}
+
+impl CacheHandle {
+    /// Reads `key` through this node's cache.
+    pub async fn get(&self, key: String) -> Result<Read, CacheError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Get { key, reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Writes `key` (Set, Delete or CompareAndSet) through the directory.
+    pub async fn write(&self, key: String, write: Write) -> Result<WriteResult, CacheError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Write { key, write, reply })?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// The key's state here (and in the directory, on the leader).
+    pub async fn state(&self, key: String) -> Result<KeyState, CacheError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::State { key, reply })?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// This node's counters.
+    pub async fn stats(&self) -> Result<CacheStats, CacheError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Stats { reply })?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Invalidation events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<InvalidationEvent> {
+        self.events.subscribe()
+    }
+
+    /// Hands messages received from node `from` to the runtime.
+    pub fn deliver(&self, from: NodeId, msgs: Vec<Decoded>) -> Result<(), CacheError> {
+        self.send(Input::Network { from, msgs })
+    }
+
+    fn send(&self, input: Input) -> Result<(), CacheError> {
+        self.inputs.send(input).map_err(|_| stopped())
+    }
+}
+
+/// A client waiting for its answer.
+enum Reply {
+    Read(oneshot::Sender<Result<Read, CacheError>>),
+    Write(oneshot::Sender<Result<WriteResult, CacheError>>),
+}
+
+/// What the runtime task reacts to (besides ticks and status changes).
+enum Input {
+    Get {
+        key: String,
+        reply: oneshot::Sender<Result<Read, CacheError>>,
+    },
+    Write {
+        key: String,
+        write: Write,
+        reply: oneshot::Sender<Result<WriteResult, CacheError>>,
+    },
+    State {
+        key: String,
+        reply: oneshot::Sender<KeyState>,
+    },
+    Stats {
+        reply: oneshot::Sender<CacheStats>,
+    },
+    /// Messages from another node.
+    Network {
+        from: NodeId,
+        msgs: Vec<Decoded>,
+    },
+    /// Memory's answer to the directory of `epoch`; `None`: ambiguous (see the module docs).
+    Memory {
+        epoch: Epoch,
+        id: MemOpId,
+        outcome: Option<Result<MemoryReply, MemoryError>>,
+    },
+    /// The leadership check for a batch of lease grants ended.
+    Confirmed {
+        epoch: Epoch,
+        grants: Vec<(NodeId, Envelope<ToNode>)>,
+        ok: bool,
+    },
+}
+
+/// Starts this node's cache runtime.
+pub fn spawn(node: NodeHandle, cfg: CacheConfig) -> CacheHandle {
+    let (inputs, rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let me = node.settings.id;
+    // Differs on every start: replies meant for a previous run are never matched to this one.
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let status = node.watch_status();
+    let runtime = Runtime {
+        me,
+        cache: CacheNode::new(me, cfg.clone(), incarnation),
+        cfg: cfg.clone(),
+        dir: None,
+        last_epoch: 0,
+        unsent: std::collections::VecDeque::new(),
+        held_grants: Vec::new(),
+        confirming: false,
+        last_op: 0,
+        ops: HashMap::new(),
+        peers: transport::Peers::new(me),
+        self_tx: inputs.clone(),
+        events: events.clone(),
+        started: Instant::now(),
+        current: status.borrow().clone(),
+        past_invalidations_sent: 0,
+        node,
+    };
+    tokio::spawn(runtime.run(rx, status));
+    CacheHandle {
+        inputs,
+        events,
+        cfg,
+    }
+}
+
+/// The task's state.
+struct Runtime {
+    /// This node.
+    me: NodeId,
+    /// The settings.
+    cfg: CacheConfig,
+    /// For proposals, reads and the leader's address.
+    node: NodeHandle,
+    /// This node's lines and lease.
+    cache: CacheNode,
+    /// The directory, while this node leads.
+    dir: Option<Directory>,
+    /// The epoch of the last directory started here. A directory is never started twice for
+    /// one epoch: a second one would hand out the first one's session numbers again, and a node
+    /// holding lines of the first could keep serving them under the second's leases.
+    last_epoch: Epoch,
+    /// Messages for the directory waiting for a leader to be known, with when they were made.
+    unsent: std::collections::VecDeque<(u64, Envelope<ToHome>)>,
+    /// Lease grants waiting for a leadership check.
+    held_grants: Vec<(NodeId, Envelope<ToNode>)>,
+    /// A leadership check is running.
+    confirming: bool,
+    /// The last client operation id.
+    last_op: OpId,
+    /// Clients waiting for a fill or write.
+    ops: HashMap<OpId, Reply>,
+    /// Outgoing queues to other nodes.
+    peers: transport::Peers,
+    /// For tasks that report back (memory, leadership checks).
+    self_tx: mpsc::UnboundedSender<Input>,
+    /// Invalidations for Subscribe.
+    events: broadcast::Sender<InvalidationEvent>,
+    /// The origin of the core's clock (`now` in ms).
+    started: Instant,
+    /// The node's latest status.
+    current: NodeStatus,
+    /// Invalidations sent by directories already dropped.
+    past_invalidations_sent: u64,
+}
+
+impl Runtime {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        mut status: watch::Receiver<NodeStatus>,
+    ) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.on_status();
+        loop {
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => return,
+                },
+                _ = ticker.tick() => {
+                    let now = self.now();
+                    self.cache.tick(now);
+                    if let Some(d) = &mut self.dir {
+                        d.tick(now);
+                    }
+                }
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.current = status.borrow_and_update().clone();
+                    self.on_status();
+                }
+            }
+            self.pump();
+        }
+    }
+
+    /// The core's clock: milliseconds since this runtime started (monotonic).
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn on_status(&mut self) {
+        let now = self.now();
+        let s = &self.current;
+        if s.leader.is_some() {
+            self.cache.on_new_epoch(now, s.term);
+        }
+        let leading = s.role == Role::Leader && s.leader == Some(self.me);
+        let term = s.term;
+        let current = self.dir.as_ref().map(Directory::epoch);
+        if current.is_some() && (!leading || current != Some(term)) {
+            self.drop_directory("no longer the leader of its term");
+        }
+        if leading && self.dir.is_none() && term > self.last_epoch {
+            tracing::info!(term, "cache directory started");
+            self.last_epoch = term;
+            self.dir = Some(Directory::new(self.cfg.clone(), term, now));
+        }
+        if self.current.leader.is_some() {
+            self.flush_unsent();
+        }
+    }
+
+    fn drop_directory(&mut self, why: &str) {
+        if let Some(d) = self.dir.take() {
+            tracing::info!(epoch = d.epoch(), why, "cache directory stopped");
+            self.past_invalidations_sent += d.stats().invalidations_sent;
+        }
+        self.held_grants.clear();
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Get { key, reply } => {
+                let op = self.next_op();
+                match self.cache.get(now, op, &key) {
+                    Ok(Lookup::Hit(read)) => {
+                        let _ = reply.send(Ok(read));
+                    }
+                    Ok(Lookup::Pending) => {
+                        self.ops.insert(op, Reply::Read(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Input::Write { key, write, reply } => {
+                let op = self.next_op();
+                match self.cache.write(now, op, &key, write) {
+                    Ok(()) => {
+                        self.ops.insert(op, Reply::Write(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Input::State { key, reply } => {
+                let holders = self.dir.as_ref().map(|d| d.holders(&key).collect());
+                let _ = reply.send(KeyState {
+                    line: self.cache.line_view(now, &key),
+                    holders,
+                });
+            }
+            Input::Stats { reply } => {
+                let (node, bytes, entries) = self.cache.stats();
+                let current = self
+                    .dir
+                    .as_ref()
+                    .map_or(0, |d| d.stats().invalidations_sent);
+                let _ = reply.send(CacheStats {
+                    node,
+                    bytes,
+                    entries,
+                    invalidations_sent: self.past_invalidations_sent + current,
+                });
+            }
+            Input::Network { from, msgs } => {
+                for m in msgs {
+                    match m {
+                        Decoded::ToHome(env) => {
+                            if let Some(d) = &mut self.dir {
+                                d.on_message(now, from, env);
+                            }
+                        }
+                        Decoded::ToNode(env) => self.cache.on_message(now, env),
+                    }
+                }
+            }
+            Input::Memory { epoch, id, outcome } => {
+                if self.dir.as_ref().map(Directory::epoch) != Some(epoch) {
+                    return;
+                }
+                match outcome {
+                    Some(result) => {
+                        if let Some(d) = &mut self.dir {
+                            d.on_memory(now, id, result);
+                        }
+                    }
+                    None => self.drop_directory("a memory write's outcome is unknown"),
+                }
+            }
+            Input::Confirmed { epoch, grants, ok } => {
+                self.confirming = false;
+                if ok && self.dir.as_ref().map(Directory::epoch) == Some(epoch) {
+                    for (to, msg) in grants {
+                        self.send_to_node(now, to, msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_op(&mut self) -> OpId {
+        self.last_op += 1;
+        self.last_op
+    }
+
+    /// Carries out the core's effects until there are none left.
+    fn pump(&mut self) {
+        loop {
+            let now = self.now();
+            let node_effects = self.cache.take_effects();
+            let dir_effects = self
+                .dir
+                .as_mut()
+                .map(Directory::take_effects)
+                .unwrap_or_default();
+            if node_effects.is_empty() && dir_effects.is_empty() {
+                break;
+            }
+            for e in node_effects {
+                match e {
+                    NodeEffect::ToHome(env) => self.send_to_home(now, env),
+                    NodeEffect::Done { op, result } => self.answer(op, result),
+                    NodeEffect::Invalidated(ev) => {
+                        let _ = self.events.send(ev);
+                    }
+                }
+            }
+            for e in dir_effects {
+                match e {
+                    HomeEffect::ToNode { to, msg } => {
+                        if matches!(msg.msg, ToNode::LeaseGrant { .. }) {
+                            self.held_grants.push((to, msg));
+                        } else {
+                            self.send_to_node(now, to, msg);
+                        }
+                    }
+                    HomeEffect::Memory(req) => self.run_memory(req),
+                }
+            }
+        }
+        self.confirm_grants();
+    }
+
+    /// Sends a message to the directory: the leader's own node calls it directly; while no
+    /// leader is known the message waits (see [`MAX_UNSENT`]).
+    fn send_to_home(&mut self, now: u64, env: Envelope<ToHome>) {
+        if let Some(d) = &mut self.dir {
+            d.on_message(now, self.me, env);
+            return;
+        }
+        let leader = self.current.leader.filter(|&l| l != self.me);
+        match leader.and_then(|l| self.current.address_of(l)) {
+            Some(addr) => self.peers.send(addr, wire::encode_to_home(env)),
+            None => {
+                if self.unsent.len() == MAX_UNSENT {
+                    self.unsent.pop_front();
+                }
+                self.unsent.push_back((now, env));
+            }
+        }
+    }
+
+    /// Sends what waited for a leader, except what is older than the core's operation timeout
+    /// (its operation has failed by then).
+    fn flush_unsent(&mut self) {
+        let now = self.now();
+        let timeout = self.cfg.op_timeout_ms;
+        let waiting = std::mem::take(&mut self.unsent);
+        for (at, env) in waiting {
+            if now.saturating_sub(at) < timeout {
+                self.send_to_home(now, env);
+            }
+        }
+    }
+
+    fn send_to_node(&mut self, now: u64, to: NodeId, msg: Envelope<ToNode>) {
+        if to == self.me {
+            self.cache.on_message(now, msg);
+        } else if let Some(addr) = self.current.address_of(to) {
+            self.peers.send(addr, wire::encode_to_node(msg));
+        }
+    }
+
+    fn answer(&mut self, op: OpId, result: Result<Answer, CacheError>) {
+        let mismatch = || CacheError::Unavailable("internal error: mismatched cache answer".into());
+        match self.ops.remove(&op) {
+            Some(Reply::Read(tx)) => {
+                let _ = tx.send(result.and_then(|a| match a {
+                    Answer::Read(r) => Ok(r),
+                    Answer::Write(_) => Err(mismatch()),
+                }));
+            }
+            Some(Reply::Write(tx)) => {
+                let _ = tx.send(result.and_then(|a| match a {
+                    Answer::Write(w) => Ok(w),
+                    Answer::Read(_) => Err(mismatch()),
+                }));
+            }
+            None => {}
+        }
+    }
+
+    /// Starts a leadership check for the held lease grants (see the module docs).
+    fn confirm_grants(&mut self) {
+        if self.confirming || self.held_grants.is_empty() {
+            return;
+        }
+        let Some(epoch) = self.dir.as_ref().map(Directory::epoch) else {
+            self.held_grants.clear();
+            return;
+        };
+        self.confirming = true;
+        let grants = std::mem::take(&mut self.held_grants);
+        let node = self.node.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let ok = node.read(true, |_| ()).await.is_ok();
+            let _ = tx.send(Input::Confirmed { epoch, grants, ok });
+        });
+    }
+
+    /// Runs a memory request against the replicated state and reports the outcome.
+    fn run_memory(&self, req: MemoryRequest) {
+        let node = self.node.clone();
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            let outcome = match req.op {
+                MemoryOp::Read { key } => Some(
+                    node.read(true, move |s| s.cache_memory().read(&key, now_unix_ms()))
+                        .await
+                        .map(MemoryReply::Read)
+                        .map_err(|e| MemoryError::Unavailable(e.to_string())),
+                ),
+                MemoryOp::Write { key, write } => {
+                    let cmd = wire::write_to_pb(&key, &write, req.epoch);
+                    written(node.propose(ipb::command::Op::CacheWrite(cmd), None).await)
+                }
+            };
+            let _ = tx.send(Input::Memory {
+                epoch: req.epoch,
+                id: req.id,
+                outcome,
+            });
+        });
+    }
+}
+
+/// A write proposal's outcome as memory's answer; `None` if it may or may not take effect.
+fn written(r: Result<(u64, Applied), NodeError>) -> Option<Result<MemoryReply, MemoryError>> {
+    use ipb::command_result::Result as R;
+    let refused = |why: String| Some(Err(MemoryError::Unavailable(why)));
+    match r {
+        Ok((
+            _,
+            Applied::Result(ipb::CommandResult {
+                result: Some(R::CacheWrite(w)),
+            }),
+        )) => {
+            if !w.refused.is_empty() {
+                refused(w.refused)
+            } else if w.applied {
+                Some(Ok(MemoryReply::Written(WriteResult::Applied {
+                    version: w.version,
+                    existed: w.existed,
+                })))
+            } else {
+                Some(Ok(MemoryReply::Written(WriteResult::Mismatch {
+                    current: w.current_version,
+                })))
+            }
+        }
+        // Applied, but not as a cache write (a command that did not decode): nothing changed.
+        Ok((_, other)) => refused(format!("the cache write was not applied: {other:?}")),
+        // Refused before it was appended: it can never commit.
+        Err(e @ (NodeError::NotLeader { .. } | NodeError::Raft(_))) => refused(e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cache write outcome unknown; stopping this directory");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_ambiguous_proposal_failure_goes_unanswered() {
+        assert!(written(Err(NodeError::Lost)).is_none());
+        assert!(written(Err(NodeError::ShuttingDown)).is_none());
+        assert!(written(Err(NodeError::Timeout("t".into()))).is_none());
+        assert!(matches!(
+            written(Err(NodeError::NotLeader { leader: None })),
+            Some(Err(_))
+        ));
+        let refused = ipb::CommandResult {
+            result: Some(ipb::command_result::Result::CacheWrite(
+                ipb::CacheWriteResult {
+                    refused: "old epoch".into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        assert!(matches!(
+            written(Ok((3, Applied::Result(refused)))),
+            Some(Err(_))
+        ));
+        let applied = ipb::CommandResult {
+            result: Some(ipb::command_result::Result::CacheWrite(
+                ipb::CacheWriteResult {
+                    applied: true,
+                    version: 3,
+                    current_version: 3,
+                    existed: false,
+                    refused: String::new(),
+                },
+            )),
+        };
+        assert_eq!(
+            written(Ok((3, Applied::Result(applied)))),
+            Some(Ok(MemoryReply::Written(WriteResult::Applied {
+                version: 3,
+                existed: false
+            })))
+        );
+    }
+}

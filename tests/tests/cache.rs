@@ -1,0 +1,710 @@
+//! The coherent cache on real processes: the original design's scenario with each node's MESI
+//! state; concurrent writers on every node with readers everywhere, none of which may read a
+//! stale value; and a node that restarts reads the writes it missed.
+//!
+//! A new directory (a new leader) caches nothing and writes nothing for one lease (5 s by
+//! default) after it starts, so the first write of each test waits that long.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use sync_tests::api::{self, MesiState};
+use sync_tests::wait::eventually;
+use sync_tests::{Cluster, Options, scenario};
+use tokio::time::Instant;
+use tonic::Request;
+
+/// Deadline of one cache call: a write may wait out a new directory's first lease.
+const CALL: Duration = Duration::from_secs(10);
+
+fn request<T>(msg: T) -> Request<T> {
+    request_within(msg, CALL)
+}
+
+fn request_within<T>(msg: T, deadline: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(deadline);
+    r
+}
+
+async fn set(c: &Cluster, id: u64, key: &str, value: &str) -> anyhow::Result<u64> {
+    let r = c
+        .client(id)
+        .cache()
+        .set(request(api::CacheSetRequest {
+            key: key.into(),
+            value: Bytes::from(value.to_string()),
+            ..Default::default()
+        }))
+        .await
+        .with_context(|| format!("Set {key}={value} on node {id}"))?;
+    Ok(r.into_inner().version)
+}
+
+async fn get(c: &Cluster, id: u64, key: &str) -> anyhow::Result<api::CacheGetResponse> {
+    let r = c
+        .client(id)
+        .cache()
+        .get(request(api::CacheGetRequest { key: key.into() }))
+        .await
+        .with_context(|| format!("Get {key} on node {id}"))?;
+    Ok(r.into_inner())
+}
+
+async fn state(c: &Cluster, id: u64, key: &str) -> anyhow::Result<api::CacheStateResponse> {
+    let r = c
+        .client(id)
+        .cache()
+        .state(request(api::CacheStateRequest { key: key.into() }))
+        .await
+        .with_context(|| format!("State {key} on node {id}"))?;
+    Ok(r.into_inner())
+}
+
+fn mesi(s: i32) -> MesiState {
+    MesiState::try_from(s).unwrap_or(MesiState::Invalid)
+}
+
+/// Sets `key` through node `id`, retrying while the new directory waits out its first lease.
+async fn first_set(c: &Cluster, id: u64, key: &str, value: &str) -> anyhow::Result<u64> {
+    eventually(
+        &format!("Set {key} on node {id}"),
+        Duration::from_secs(30),
+        async || set(c, id, key, value).await,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_scenario_set_on_node_1_misses_then_hits_and_shows_mesi_states() {
+    scenario(3, Options::default(), Duration::from_secs(90), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        // Absorbs the new directory's first lease, by which time every node holds a lease.
+        first_set(c, 1, "warm-up", "x").await?;
+        let v1 = set(c, 1, "k1", "v1").await?;
+        ensure!(v1 > 0, "Set answered version 0");
+        let s1 = state(c, 1, "k1").await?;
+        ensure!(
+            mesi(s1.state) == MesiState::Modified && s1.version == v1,
+            "node 1 after its Set: {s1:?}"
+        );
+
+        // Node 2 misses, fills, and both lines end Shared (node 1's M line was recalled).
+        let g2 = get(c, 2, "k1").await?;
+        ensure!(!g2.hit, "node 2's first Get hit: {g2:?}");
+        ensure!(g2.found && g2.value == "v1" && g2.version == v1, "{g2:?}");
+        ensure!(
+            mesi(g2.state) == MesiState::Shared,
+            "node 2 after its fill: {g2:?}"
+        );
+
+        // Node 1 hits.
+        let g1 = get(c, 1, "k1").await?;
+        ensure!(g1.hit && g1.value == "v1" && g1.version == v1, "{g1:?}");
+        ensure!(
+            mesi(g1.state) == MesiState::Shared,
+            "node 1 after the recall: {g1:?}"
+        );
+        // So does node 2 now.
+        let g2 = get(c, 2, "k1").await?;
+        ensure!(g2.hit && g2.version == v1, "node 2's second Get: {g2:?}");
+
+        // State per node: 1 and 2 Shared with a lease, 3 Invalid; the directory (on the
+        // leader) records 1 and 2 as Shared.
+        for (id, want) in [
+            (1, MesiState::Shared),
+            (2, MesiState::Shared),
+            (3, MesiState::Invalid),
+        ] {
+            let s = state(c, id, "k1").await?;
+            ensure!(mesi(s.state) == want, "node {id}: {s:?}");
+            ensure!(s.directory_node_id == leader.id, "node {id}: {s:?}");
+            if want != MesiState::Invalid {
+                ensure!(
+                    s.version == v1 && s.lease_remaining_ms > 0,
+                    "node {id}: {s:?}"
+                );
+            }
+        }
+        let s = state(c, leader.id, "k1").await?;
+        let holders: Vec<(u64, MesiState)> = s
+            .holders
+            .iter()
+            .map(|h| (h.node_id, mesi(h.state)))
+            .collect();
+        ensure!(
+            holders == vec![(1, MesiState::Shared), (2, MesiState::Shared)],
+            "the directory's holders: {s:?}"
+        );
+        ensure!(s.directory_version == v1, "{s:?}");
+
+        // A write on node 3 invalidates both; node 1 then misses and reads it.
+        let v2 = set(c, 3, "k1", "v2").await?;
+        ensure!(v2 > v1);
+        let s3 = state(c, 3, "k1").await?;
+        ensure!(
+            mesi(s3.state) == MesiState::Modified,
+            "node 3 after its Set: {s3:?}"
+        );
+        let g1 = get(c, 1, "k1").await?;
+        ensure!(!g1.hit && g1.value == "v2" && g1.version == v2, "{g1:?}");
+        Ok(())
+    })
+    .await;
+}
+
+/// A completed operation, timed on the test's clock.
+#[derive(Clone, Debug)]
+struct Op {
+    key: String,
+    version: u64,
+    value: String,
+    start: Instant,
+    end: Instant,
+}
+
+/// Per key: operations by completion time, each with the highest version completed by then.
+fn prefix_max(ops: &[Op]) -> BTreeMap<String, Vec<(Instant, u64)>> {
+    let mut by_key: BTreeMap<String, Vec<(Instant, u64)>> = BTreeMap::new();
+    for o in ops {
+        by_key
+            .entry(o.key.clone())
+            .or_default()
+            .push((o.end, o.version));
+    }
+    for list in by_key.values_mut() {
+        list.sort();
+        let mut max = 0;
+        for entry in list.iter_mut() {
+            max = max.max(entry.1);
+            entry.1 = max;
+        }
+    }
+    by_key
+}
+
+/// The highest version of `key` among operations completed before `t`.
+fn floor_at(prefix: &BTreeMap<String, Vec<(Instant, u64)>>, key: &str, t: Instant) -> u64 {
+    let Some(list) = prefix.get(key) else {
+        return 0;
+    };
+    match list.partition_point(|(end, _)| *end < t) {
+        0 => 0,
+        i => list[i - 1].1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_every_node_and_no_reader_sees_a_stale_value() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        concurrent_workload(c, false).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reader_sees_a_stale_value_while_the_leader_is_killed_and_restarted() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        concurrent_workload(c, true).await
+    })
+    .await;
+}
+
+/// Writers on every node and two readers per node for 8 s, then the checks: no phantom value,
+/// no stale read, no read going back in time, and some hits. With `kill_leader`, the leader is
+/// killed 2 s in and restarted 1 s later: writes fail or wait for the new directory meanwhile,
+/// and none of the checks may break.
+async fn concurrent_workload(c: &mut Cluster, kill_leader: bool) -> anyhow::Result<()> {
+    let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+    let keys = ["a", "b", "c"];
+    for k in keys {
+        first_set(c, 1, k, "init").await?;
+    }
+    let writes: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let reads: Arc<Mutex<Vec<Op>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for id in c.ids() {
+        let client = c.client(id);
+        let writes = writes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                n += 1;
+                let key = keys[(n as usize) % keys.len()];
+                let value = format!("n{id}-{n}");
+                let start = Instant::now();
+                let r = client
+                    .cache()
+                    .set(request(api::CacheSetRequest {
+                        key: key.into(),
+                        value: Bytes::from(value.clone()),
+                        ..Default::default()
+                    }))
+                    .await;
+                // A failed or timed-out write is simply not counted as completed.
+                if let Ok(r) = r {
+                    writes.lock().expect("lock").push(Op {
+                        key: key.into(),
+                        version: r.into_inner().version,
+                        value,
+                        start,
+                        end: Instant::now(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+        for reader in 0..2 {
+            let client = c.client(id);
+            let reads = reads.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = reader;
+                while Instant::now() < stop {
+                    n += 1;
+                    let key = keys[n % keys.len()];
+                    let start = Instant::now();
+                    let r = client
+                        .cache()
+                        .get(request(api::CacheGetRequest { key: key.into() }))
+                        .await;
+                    if let Ok(r) = r {
+                        let r = r.into_inner();
+                        reads.lock().expect("lock").push(Op {
+                            key: key.into(),
+                            version: r.version,
+                            value: String::from_utf8_lossy(&r.value).into_owned(),
+                            start,
+                            end: Instant::now(),
+                        });
+                    }
+                    // Leaves the two shared cores to the nodes.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+    }
+    if kill_leader {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.kill9(leader.id).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.restart(leader.id).await?;
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let writes = writes.lock().expect("lock").clone();
+    let reads = reads.lock().expect("lock").clone();
+    ensure!(writes.len() >= 30, "only {} writes completed", writes.len());
+    ensure!(reads.len() >= 100, "only {} reads completed", reads.len());
+    let by_version: BTreeMap<(String, u64), String> = writes
+        .iter()
+        .map(|w| ((w.key.clone(), w.version), w.value.clone()))
+        .collect();
+    let write_floor = prefix_max(&writes);
+    let read_floor = prefix_max(&reads);
+    for r in &reads {
+        // No phantom: a version some write was acknowledged with carries that write's value.
+        if let Some(v) = by_version.get(&(r.key.clone(), r.version)) {
+            ensure!(
+                *v == r.value,
+                "read {r:?} but version {} was {v}",
+                r.version
+            );
+        }
+        // No stale read: not older than a write completed before the read began.
+        let floor = floor_at(&write_floor, &r.key, r.start);
+        ensure!(
+            r.version >= floor,
+            "stale read {r:?}: a write of version {floor} had completed"
+        );
+        // Reads do not go back in time.
+        let seen = floor_at(&read_floor, &r.key, r.start);
+        ensure!(
+            r.version >= seen,
+            "read {r:?} went back before version {seen}"
+        );
+    }
+    let hits: u64 = {
+        let mut total = 0;
+        for id in c.ids() {
+            let s = c
+                .client(id)
+                .cache()
+                .stats(request(api::CacheStatsRequest {}))
+                .await?
+                .into_inner();
+            total += s.hits;
+        }
+        total
+    };
+    ensure!(hits > 0, "no read was a hit");
+    let summary = format!(
+        "{} writes, {} reads, {hits} hits, no stale read",
+        writes.len(),
+        reads.len()
+    );
+    eprintln!("{summary}");
+    c.note(summary);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_reads_the_writes_it_missed() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let other = c
+            .ids()
+            .into_iter()
+            .find(|&id| id != leader.id)
+            .context("no follower")?;
+        let v1 = first_set(c, leader.id, "r", "before").await?;
+        let g = get(c, other, "r").await?;
+        ensure!(g.value == "before" && g.version == v1, "{g:?}");
+        c.kill9(other).await?;
+        let v2 = set(c, leader.id, "r", "while-down").await?;
+        ensure!(v2 > v1);
+        c.restart(other).await?;
+        let g = eventually(
+            "the restarted node reads the new value",
+            Duration::from_secs(30),
+            async || {
+                let g = get(c, other, "r").await?;
+                ensure!(g.found, "{g:?}");
+                Ok(g)
+            },
+        )
+        .await?;
+        ensure!(
+            g.value == "while-down" && g.version == v2,
+            "after the restart: {g:?}"
+        );
+        let again = eventually(
+            "the restarted node hits",
+            Duration::from_secs(15),
+            async || {
+                let g = get(c, other, "r").await?;
+                ensure!(g.hit, "{g:?}");
+                Ok(g)
+            },
+        )
+        .await?;
+        ensure!(again.version == v2, "{again:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_directory_stops_hitting_within_its_lease() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let cut = c
+            .ids()
+            .into_iter()
+            .find(|&id| id != leader.id)
+            .context("no follower")?;
+        let v1 = first_set(c, leader.id, "p", "before").await?;
+        eventually(
+            "the follower hits before the cut",
+            Duration::from_secs(10),
+            async || {
+                let g = get(c, cut, "p").await?;
+                ensure!(g.hit && g.version == v1, "{g:?}");
+                Ok(())
+            },
+        )
+        .await?;
+
+        c.network().isolate(cut);
+        let cut_at = Instant::now();
+        c.note(format!("node {cut} isolated"));
+        // The write cannot reach the cut-off holder: it waits out the holder's lease.
+        let v2 = set(c, leader.id, "p", "after").await?;
+        let written_at = Instant::now();
+        ensure!(v2 > v1);
+        c.note(format!(
+            "write done {:?} after the cut",
+            written_at - cut_at
+        ));
+
+        // From now on the cut-off node must not serve the old value: it misses (and cannot
+        // fill, so the call fails) or, never, hits the old version.
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            let r = c
+                .client(cut)
+                .cache()
+                .get(request_within(
+                    api::CacheGetRequest { key: "p".into() },
+                    Duration::from_millis(500),
+                ))
+                .await;
+            if let Ok(g) = r {
+                let g = g.into_inner();
+                ensure!(
+                    g.version >= v2,
+                    "node {cut} served version {} after the write of {v2} completed: {g:?}",
+                    g.version
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        c.network().heal();
+        c.note("healed");
+        let g = eventually(
+            "the healed node reads the new value",
+            Duration::from_secs(30),
+            async || {
+                let g = get(c, cut, "p").await?;
+                ensure!(g.version == v2 && g.value == "after", "{g:?}");
+                Ok(g)
+            },
+        )
+        .await?;
+        c.note(format!("after the heal: {g:?}"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_leader_dies_no_node_serves_a_line_of_the_old_directory() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let old = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let v1 = first_set(c, old.id, "f", "old").await?;
+        let others: Vec<u64> = c.ids().into_iter().filter(|&id| id != old.id).collect();
+        for &id in &others {
+            get(c, id, "f").await?;
+        }
+        c.kill9(old.id).await?;
+        let new = c
+            .wait_for_leader_where(Duration::from_secs(10), "a new leader", |l| l.id != old.id)
+            .await?;
+        c.note(format!("node {} leads after node {} died", new.id, old.id));
+        let writer = others[0];
+        let reader = others[1];
+        let v2 = first_set(c, writer, "f", "new").await?;
+        ensure!(v2 > v1);
+        let g = get(c, reader, "f").await?;
+        ensure!(
+            g.version == v2 && g.value == "new",
+            "node {reader} after the failover: {g:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_compare_and_set_many_ttl_and_subscribe_behave_as_documented() {
+    scenario(3, Options::default(), Duration::from_secs(90), async |c| {
+        c.wait_for_leader(Duration::from_secs(5)).await?;
+        first_set(c, 1, "warm-up", "x").await?;
+        let mut cache1 = c.client(1).cache();
+        let mut cache2 = c.client(2).cache();
+
+        // Subscribe on node 2, which then holds a line of "s".
+        let mut events = cache2
+            .subscribe(Request::new(api::CacheSubscribeRequest {
+                prefix: "s".into(),
+            }))
+            .await?
+            .into_inner();
+        let v1 = set(c, 1, "s", "one").await?;
+        let g = get(c, 2, "s").await?;
+        ensure!(g.version == v1, "{g:?}");
+
+        // CompareAndSet: a wrong version changes nothing; the right one writes and invalidates
+        // node 2's line, which its subscriber hears.
+        let r = cache1
+            .compare_and_set(request(api::CompareAndSetRequest {
+                key: "s".into(),
+                expected_version: v1 + 1000,
+                value: Bytes::from("never"),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(!r.success && r.version == v1, "{r:?}");
+        let r = cache1
+            .compare_and_set(request(api::CompareAndSetRequest {
+                key: "s".into(),
+                expected_version: v1,
+                value: Bytes::from("two"),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(r.success && r.version > v1, "{r:?}");
+        let v2 = r.version;
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .context("no invalidation event within 5 s")??
+            .context("the stream ended")?;
+        ensure!(
+            ev.key == "s"
+                && ev.version == v1
+                && ev.reason == api::InvalidationReason::Written as i32,
+            "{ev:?}"
+        );
+        let g = get(c, 2, "s").await?;
+        ensure!(g.version == v2 && g.value == "two", "{g:?}");
+
+        // Delete: gone everywhere, and a second delete finds nothing.
+        let d = cache2
+            .delete(request(api::CacheDeleteRequest {
+                key: "s".into(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(d.deleted && d.version > v2, "{d:?}");
+        for id in c.ids() {
+            let g = get(c, id, "s").await?;
+            ensure!(
+                !g.found && g.version == d.version,
+                "node {id} after the delete: {g:?}"
+            );
+        }
+        let d2 = cache1
+            .delete(request(api::CacheDeleteRequest {
+                key: "s".into(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(!d2.deleted, "{d2:?}");
+
+        // SetMany then GetMany, in order.
+        let entries = (0..5)
+            .map(|i| api::CacheSetEntry {
+                key: format!("m{i}"),
+                value: Bytes::from(format!("v{i}")),
+                ttl_ms: 0,
+            })
+            .collect();
+        let w = cache1
+            .set_many(request(api::SetManyRequest {
+                entries,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        ensure!(
+            w.versions.len() == 5 && w.versions.windows(2).all(|p| p[0] < p[1]),
+            "{w:?}"
+        );
+        let r = cache2
+            .get_many(request(api::GetManyRequest {
+                keys: (0..5).map(|i| format!("m{i}")).collect(),
+            }))
+            .await?
+            .into_inner();
+        for (i, g) in r.results.iter().enumerate() {
+            ensure!(
+                g.key == format!("m{i}")
+                    && g.value == format!("v{i}")
+                    && g.version == w.versions[i],
+                "GetMany result {i}: {g:?}"
+            );
+        }
+
+        // A TTL: readable with its expiry, then gone.
+        cache1
+            .set(request(api::CacheSetRequest {
+                key: "t".into(),
+                value: Bytes::from("brief"),
+                ttl_ms: 1500,
+                ..Default::default()
+            }))
+            .await?;
+        let g = get(c, 2, "t").await?;
+        ensure!(g.found && g.expires_unix_ms > 0, "{g:?}");
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let g = get(c, 2, "t").await?;
+        ensure!(!g.found, "the TTL ran out but node 2 read {g:?}");
+
+        // Errors: an empty key and too many keys are INVALID_ARGUMENT.
+        let e = cache1
+            .get(request(api::CacheGetRequest { key: String::new() }))
+            .await
+            .err()
+            .context("an empty key was accepted")?;
+        ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
+        let stats = cache2
+            .stats(request(api::CacheStatsRequest {}))
+            .await?
+            .into_inner();
+        ensure!(
+            stats.node_id == 2 && stats.misses > 0 && stats.invalidations_received > 0,
+            "{stats:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// Not a check: prints the latency of hits, misses and writes through gRPC on this machine.
+/// `cargo test -p sync-tests --test cache -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_hit_miss_and_write_latency() {
+    scenario(3, Options::default(), Duration::from_secs(120), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let node = c
+            .ids()
+            .into_iter()
+            .find(|&id| id != leader.id)
+            .context("no follower")?;
+        first_set(c, node, "warm-up", "x").await?;
+        let mut cache = c.client(node).cache();
+        let p = |mut v: Vec<Duration>, q: f64| {
+            v.sort();
+            v[((v.len() - 1) as f64 * q) as usize]
+        };
+        let mut hits = Vec::new();
+        let mut misses = Vec::new();
+        let mut writes = Vec::new();
+        for i in 0..200 {
+            let key = format!("lat{i}");
+            let t = Instant::now();
+            set(c, leader.id, &key, "v").await?;
+            writes.push(t.elapsed());
+            let t = Instant::now();
+            cache
+                .get(request(api::CacheGetRequest { key: key.clone() }))
+                .await?;
+            misses.push(t.elapsed());
+        }
+        for i in 0..2000 {
+            let t = Instant::now();
+            let g = cache
+                .get(request(api::CacheGetRequest {
+                    key: format!("lat{}", i % 200),
+                }))
+                .await?
+                .into_inner();
+            hits.push(t.elapsed());
+            ensure!(g.hit, "{g:?}");
+        }
+        for (name, v) in [
+            ("hit", hits),
+            ("miss (recalls the writer's M line)", misses),
+            ("write on the leader (no sharer)", writes),
+        ] {
+            eprintln!(
+                "{name}: p50 {:?} p99 {:?} ({} calls, one client)",
+                p(v.clone(), 0.5),
+                p(v.clone(), 0.99),
+                v.len()
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
