@@ -14,7 +14,11 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 async fn client(c: &Cluster) -> anyhow::Result<Client> {
     c.wait_for_leader(Duration::from_secs(10)).await?;
-    let endpoints: Vec<String> = c.ids().iter().map(|&id| c.address(id).to_string()).collect();
+    let endpoints: Vec<String> = c
+        .ids()
+        .iter()
+        .map(|&id| c.address(id).to_string())
+        .collect();
     Ok(Client::connect(endpoints).await?)
 }
 
@@ -52,7 +56,10 @@ async fn publish_consume_ack_nack_and_extend() {
             d.ack().await?;
         }
         let redelivered = consumer.receive().await?;
-        ensure!(redelivered.len() == 1, "only the nacked message: {redelivered:?}");
+        ensure!(
+            redelivered.len() == 1,
+            "only the nacked message: {redelivered:?}"
+        );
         ensure!(redelivered[0].message_id() == got[0].message_id());
         ensure!(redelivered[0].attempt() == got[0].attempt() + 1);
         // The first delivery's receipt is stale now.
@@ -88,7 +95,10 @@ async fn a_stream_consumer_gets_every_message_and_publishes_survive_a_leader_kil
                     .message_id,
             );
         }
-        ensure!(published.len() == 40, "a retried publish stored twice or lost");
+        ensure!(
+            published.len() == 40,
+            "a retried publish stored twice or lost"
+        );
         let mut stream = Box::pin(
             client
                 .consumer("work")
