@@ -1,7 +1,7 @@
 //! # sync-client
 //!
-//! The Rust SDK of syncd: a leader-aware client for the cluster's replicated locks and queues
-//! (the cache follows as it lands).
+//! The Rust SDK of syncd: a leader-aware client for the cluster's replicated locks, queues and
+//! coherent cache.
 //!
 //! ```no_run
 //! # async fn demo() -> sync_client::Result<()> {
@@ -47,6 +47,8 @@
 //!   [`LockEvent`]) and its reads (get, list, validate a token, watch);
 //! - `queue.rs`: publishing ([`Client::publish`], [`OutgoingMessage`]), consuming
 //!   ([`Consumer`], [`Delivery`] with ack, nack, extend and [`Delivery::auto_extend`]);
+//! - `cache.rs`: the coherent cache ([`Client::cache_get`], [`Client::cache_set`],
+//!   [`Client::cache_delete`], [`Client::cache_compare_and_set`]);
 //! - `error.rs`: [`Error`].
 //!
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
@@ -54,6 +56,7 @@
 
 #![warn(missing_docs)]
 
+mod cache;
 mod client;
 pub mod error;
 mod guard;
@@ -63,6 +66,7 @@ mod queue;
 pub mod routing;
 mod session;
 
+pub use cache::CachedValue;
 pub use client::{Client, ClientBuilder, RetryPolicy};
 pub use error::{Error, Result};
 pub use guard::{LockGuard, LockRequest};

@@ -1,0 +1,125 @@
+//! The coherent cache: get, set, delete and compare-and-set.
+//!
+//! A Get is answered by the node that receives it: a HIT from its own line (no network hop
+//! beyond the call) or a MISS that fills the line from the directory. A completed Set is never
+//! hidden by a stale hit anywhere (see docs/cache.md). Set and Delete may be applied twice if
+//! retried (the cache's de-duplication is best effort, as cache.proto says); a CompareAndSet is
+//! not retried once sent, since a second application would fail against its own first.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use sync_proto::sync::v1 as api;
+use sync_proto::sync::v1::cache_client::CacheClient;
+
+use crate::client::{CallSpec, Client, Target};
+use crate::error::{CallKind, Result};
+
+/// A value read from the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedValue {
+    /// The value.
+    pub value: Bytes,
+    /// Its version: it only grows, and names the write that produced it.
+    pub version: u64,
+    /// True if the serving node answered from its own line.
+    pub hit: bool,
+}
+
+fn spec(repeatable: bool) -> CallSpec {
+    CallSpec {
+        kind: CallKind::Other,
+        target: Target::Any,
+        repeatable,
+        wait: Duration::ZERO,
+    }
+}
+
+impl Client {
+    /// Reads `key`; `None` if it has no value.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// client.cache_set("k1", "v1", None).await?;
+    /// let v = client.cache_get("k1").await?.expect("just written");
+    /// println!("{:?} (version {}, hit {})", v.value, v.version, v.hit);
+    /// # Ok(()) }
+    /// ```
+    pub async fn cache_get(&self, key: &str) -> Result<Option<CachedValue>> {
+        let request = api::CacheGetRequest {
+            key: key.to_owned(),
+        };
+        let r = self
+            .unary(spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).get(r).await
+            })
+            .await?;
+        Ok(r.found.then_some(CachedValue {
+            value: r.value,
+            version: r.version,
+            hit: r.hit,
+        }))
+    }
+
+    /// Writes `key` (with an optional TTL); returns the new version once every other copy is
+    /// invalidated and the value is in the cache's memory.
+    pub async fn cache_set(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<u64> {
+        let ticket = self.ticket();
+        let request = api::CacheSetRequest {
+            header: ticket.header(),
+            key: key.to_owned(),
+            value: value.into(),
+            ttl_ms: ttl.map_or(0, |t| t.as_millis() as u64),
+        };
+        let r = self
+            .unary(spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).set(r).await
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Deletes `key`; true if it had a value.
+    pub async fn cache_delete(&self, key: &str) -> Result<bool> {
+        let ticket = self.ticket();
+        let request = api::CacheDeleteRequest {
+            header: ticket.header(),
+            key: key.to_owned(),
+        };
+        let r = self
+            .unary(spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).delete(r).await
+            })
+            .await?;
+        Ok(r.deleted)
+    }
+
+    /// Writes `key` only if its version is still `expected_version` (0: only if it has no
+    /// value). Returns `Ok(Some(new_version))` on success, `Ok(None)` if the version differed.
+    pub async fn cache_compare_and_set(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: impl Into<Bytes>,
+    ) -> Result<Option<u64>> {
+        let ticket = self.ticket();
+        let request = api::CompareAndSetRequest {
+            header: ticket.header(),
+            key: key.to_owned(),
+            expected_version,
+            value: value.into(),
+            ttl_ms: 0,
+        };
+        let r = self
+            .unary(spec(false), request, |ch, r| async move {
+                CacheClient::new(ch).compare_and_set(r).await
+            })
+            .await?;
+        Ok(r.success.then_some(r.version))
+    }
+}
