@@ -8,7 +8,7 @@ use sync_proto::sync::v1 as api;
 use sync_proto::sync::v1::kv_client::KvClient;
 use tonic::{Request, Response, Status};
 
-use super::{Forwarder, Route, deadline_of, forward_request, route, status_of};
+use super::{Forwarder, Route, deadline_of, forward_request, read_state, route, status_of};
 use crate::node::{NodeError, NodeHandle};
 use crate::state::Applied;
 use crate::state::kv::{validate_key, validate_value};
@@ -104,22 +104,17 @@ impl api::kv_server::Kv for KvService {
             return client.get(forward_request(req, deadline)).await;
         }
         let key = req.key;
-        let read = self.node.read(linearizable, move |state| {
+        let (reg, read_index) = read_state(&self.node, linearizable, deadline, move |state| {
             let reg = state.kv().get(&key).cloned();
             (reg, state.applied_index())
-        });
-        match tokio::time::timeout(deadline, read).await {
-            Ok(Ok((reg, read_index))) => Ok(Response::new(api::KvGetResponse {
-                found: reg.is_some(),
-                modified_index: reg.as_ref().map_or(0, |r| r.modified_index),
-                value: reg.map(|r| r.value).unwrap_or_default(),
-                read_index,
-            })),
-            Ok(Err(e)) => Err(status_of(e)),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the leader could not confirm its leadership in time (no quorum?)",
-            )),
-        }
+        })
+        .await?;
+        Ok(Response::new(api::KvGetResponse {
+            found: reg.is_some(),
+            modified_index: reg.as_ref().map_or(0, |r| r.modified_index),
+            value: reg.map(|r| r.value).unwrap_or_default(),
+            read_index,
+        }))
     }
 
     async fn delete(

@@ -21,7 +21,10 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::kv::{propose_within, request_id};
-use super::{DEFAULT_DEADLINE, Forwarder, Route, deadline_of, forward_request, route, status_of};
+use super::{
+    DEFAULT_DEADLINE, Forwarder, Route, client_deadline, deadline_of, forward_request, read_route,
+    read_state, route,
+};
 use crate::node::NodeHandle;
 use crate::state::Notice;
 use crate::state::locks::{self, Mode, Notice as LockNotice};
@@ -82,11 +85,6 @@ pub fn status_of_lock_error(e: &ipb::LockError) -> Status {
     }
 }
 
-/// The client's own deadline, if it set one (before [`deadline_of`]'s safety margin).
-fn client_deadline(md: &MetadataMap) -> Option<Duration> {
-    md.get("grpc-timeout").map(|_| deadline_of(md))
-}
-
 fn owner(session_id: u64, client_id: &str) -> Result<ipb::LockOwner, Status> {
     use ipb::lock_owner::Owner;
     match (session_id, client_id.is_empty()) {
@@ -133,36 +131,6 @@ impl LockService {
             Some(ipb::command_result::Result::Lock(l)) => Ok(l),
             Some(ipb::command_result::Result::Rejected(why)) => Err(Status::invalid_argument(why)),
             other => Err(Status::internal(format!("lock command produced {other:?}"))),
-        }
-    }
-
-    /// Reads the lock table: linearizably on the leader (forwarding first is the caller's
-    /// job), or from this node's replica.
-    async fn read<T: Send + 'static>(
-        &self,
-        linearizable: bool,
-        deadline: Duration,
-        f: impl FnOnce(&crate::state::ReplicatedState) -> T + Send + 'static,
-    ) -> Result<T, Status> {
-        match tokio::time::timeout(deadline, self.node.read(linearizable, f)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(status_of(e)),
-            Err(_) => Err(Status::deadline_exceeded(
-                "the leader could not confirm its leadership in time (no quorum?)",
-            )),
-        }
-    }
-
-    /// Where a read goes: Some(route) for a linearizable read, None for a stale one.
-    fn read_route(
-        &self,
-        consistency: api::Consistency,
-        md: &MetadataMap,
-    ) -> Result<Option<Route>, Status> {
-        if consistency == api::Consistency::Stale {
-            Ok(None)
-        } else {
-            route(&self.node, md).map(Some)
         }
     }
 
@@ -225,11 +193,10 @@ impl LockService {
         waiter_id: u64,
         guard: &mut CancelOnDrop,
     ) -> Result<Option<Result<api::AcquireResponse, Status>>, Status> {
-        let waiting = self
-            .read(false, DEFAULT_DEADLINE, move |s| {
-                s.locks().is_waiting(waiter_id)
-            })
-            .await?;
+        let waiting = read_state(&self.node, false, DEFAULT_DEADLINE, move |s| {
+            s.locks().is_waiting(waiter_id)
+        })
+        .await?;
         if waiting {
             return Ok(None);
         }
@@ -397,7 +364,11 @@ impl api::lock_server::Lock for LockService {
         request: Request<api::ListSessionsRequest>,
     ) -> Result<Response<api::ListSessionsResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         let after: u64 = match req.page_token.as_str() {
             "" => 0,
@@ -415,8 +386,8 @@ impl api::lock_server::Lock for LockService {
                 .await;
         }
         let limit = page_size(req.page_size);
-        let (sessions, more, index) = self
-            .read(target.is_some(), deadline, move |s| {
+        let (sessions, more, index) =
+            read_state(&self.node, target.is_some(), deadline, move |s| {
                 let (list, more) = s.locks().list_sessions(after, limit, s.now_ms());
                 (list, more, s.applied_index())
             })
@@ -523,7 +494,11 @@ impl api::lock_server::Lock for LockService {
         request: Request<api::ValidateTokenRequest>,
     ) -> Result<Response<api::ValidateTokenResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         locks::validate_name(&req.name).map_err(Status::invalid_argument)?;
         if let Some(Route::Forward(addr)) = target {
@@ -533,14 +508,13 @@ impl api::lock_server::Lock for LockService {
                 .await;
         }
         let (name, token) = (req.name, req.token);
-        let (valid, holders) = self
-            .read(target.is_some(), deadline, move |s| {
-                (
-                    s.locks().token_valid(&name, token),
-                    s.locks().holders_of(&name),
-                )
-            })
-            .await?;
+        let (valid, holders) = read_state(&self.node, target.is_some(), deadline, move |s| {
+            (
+                s.locks().token_valid(&name, token),
+                s.locks().holders_of(&name),
+            )
+        })
+        .await?;
         Ok(Response::new(api::ValidateTokenResponse { valid, holders }))
     }
 
@@ -549,7 +523,11 @@ impl api::lock_server::Lock for LockService {
         request: Request<api::GetLockRequest>,
     ) -> Result<Response<api::GetLockResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         locks::validate_name(&req.name).map_err(Status::invalid_argument)?;
         if let Some(Route::Forward(addr)) = target {
@@ -559,11 +537,10 @@ impl api::lock_server::Lock for LockService {
                 .await;
         }
         let name = req.name;
-        let (lock, index) = self
-            .read(target.is_some(), deadline, move |s| {
-                (s.locks().lock_info(&name), s.applied_index())
-            })
-            .await?;
+        let (lock, index) = read_state(&self.node, target.is_some(), deadline, move |s| {
+            (s.locks().lock_info(&name), s.applied_index())
+        })
+        .await?;
         Ok(Response::new(api::GetLockResponse {
             lock: Some(lock),
             index,
@@ -575,7 +552,11 @@ impl api::lock_server::Lock for LockService {
         request: Request<api::ListLocksRequest>,
     ) -> Result<Response<api::ListLocksResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         if let Some(Route::Forward(addr)) = target {
             return self
@@ -585,12 +566,11 @@ impl api::lock_server::Lock for LockService {
         }
         let limit = page_size(req.page_size);
         let (prefix, after) = (req.prefix, req.page_token);
-        let (locks, more, index) = self
-            .read(target.is_some(), deadline, move |s| {
-                let (list, more) = s.locks().list_locks(&prefix, &after, limit);
-                (list, more, s.applied_index())
-            })
-            .await?;
+        let (locks, more, index) = read_state(&self.node, target.is_some(), deadline, move |s| {
+            let (list, more) = s.locks().list_locks(&prefix, &after, limit);
+            (list, more, s.applied_index())
+        })
+        .await?;
         let next_page_token = match (more, locks.last()) {
             (true, Some(last)) => last.name.clone(),
             _ => String::new(),

@@ -146,6 +146,44 @@ impl Forwarder {
 }
 
 /// Where a leader-only call should run: here, or forwarded to the leader.
+/// The client's own deadline, if it set one (after [`deadline_of`]'s safety margin): a call
+/// that may wait (an Acquire, a long poll) waits at most this long, or its own limit if the
+/// client set no deadline.
+pub fn client_deadline(md: &MetadataMap) -> Option<Duration> {
+    md.get("grpc-timeout").map(|_| deadline_of(md))
+}
+
+/// Where a read with `consistency` goes: `None` for a stale read (this node's replica), else the
+/// route of a linearizable read (here on the leader, or forwarded to it).
+pub fn read_route(
+    node: &NodeHandle,
+    consistency: sync_proto::sync::v1::Consistency,
+    md: &MetadataMap,
+) -> Result<Option<Route>, Status> {
+    if consistency == sync_proto::sync::v1::Consistency::Stale {
+        Ok(None)
+    } else {
+        route(node, md).map(Some)
+    }
+}
+
+/// Reads the replicated state: linearizably (this node must lead; forwarding first is the
+/// caller's job) or from this node's replica, within `deadline`.
+pub async fn read_state<T: Send + 'static>(
+    node: &NodeHandle,
+    linearizable: bool,
+    deadline: Duration,
+    f: impl FnOnce(&crate::state::ReplicatedState) -> T + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::time::timeout(deadline, node.read(linearizable, f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(status_of(e)),
+        Err(_) => Err(Status::deadline_exceeded(
+            "the leader could not confirm its leadership in time (no quorum?)",
+        )),
+    }
+}
+
 pub enum Route {
     /// This node leads (or believes so): run it here.
     Local,

@@ -41,14 +41,13 @@ use tonic::{Code, Request, Response, Status};
 
 use super::kv::{propose_within, request_id};
 use super::{
-    DEFAULT_DEADLINE, FORWARDED, Forwarder, LEADER_ID, Route, deadline_of, forward_request,
-    not_leader, route, status_of, was_forwarded,
+    DEFAULT_DEADLINE, FORWARDED, Forwarder, LEADER_ID, Route, client_deadline, deadline_of,
+    forward_request, not_leader, read_route, read_state, route, status_of, was_forwarded,
 };
 use crate::node::NodeHandle;
 use crate::node::driver::now_unix_ms;
 use crate::queue::owner::{Claims, Owner, Ownership, Wake, wait_applied, wait_for_work};
 use crate::queue::rates::{RateTracker, SAMPLE_EVERY, Sample};
-use crate::state::ReplicatedState;
 use crate::state::queue::QueueError;
 use crate::state::queue::limits::{
     MAX_CONSUMER_TAG_BYTES, MAX_DELIVER_MESSAGES, MAX_LIST_PAGE_SIZE, MAX_NACK_DELAY_MS,
@@ -123,11 +122,6 @@ pub fn status_of_queue_error(e: &ipb::QueueError) -> Status {
 /// A check that failed before anything was proposed.
 fn refused(e: QueueError) -> Status {
     status_of_queue_error(&e.to_proto())
-}
-
-/// The client's own deadline, if it set one (before [`deadline_of`]'s safety margin).
-fn client_deadline(md: &MetadataMap) -> Option<Duration> {
-    md.get("grpc-timeout").map(|_| deadline_of(md))
 }
 
 /// An error from a call forwarded to `owner`. A failure to reach it becomes UNAVAILABLE naming
@@ -267,23 +261,6 @@ fn expect<T>(r: R, pick: impl FnOnce(R) -> Result<T, R>) -> Result<T, Status> {
     pick(r).map_err(|other| Status::internal(format!("unexpected queue result {other:?}")))
 }
 
-/// Reads this node's replica (STALE) or, on the leader, after confirming leadership
-/// (LINEARIZABLE; forwarding first is the caller's job).
-async fn read<T: Send + 'static>(
-    node: &NodeHandle,
-    linearizable: bool,
-    deadline: Duration,
-    f: impl FnOnce(&ReplicatedState) -> T + Send + 'static,
-) -> Result<T, Status> {
-    match tokio::time::timeout(deadline, node.read(linearizable, f)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(status_of(e)),
-        Err(_) => Err(Status::deadline_exceeded(
-            "the leader could not confirm its leadership in time (no quorum?)",
-        )),
-    }
-}
-
 impl QueueService {
     /// The service, and its background sampler of owned topics' rates (it stops with the node).
     pub fn new(node: NodeHandle, forwarder: Arc<Forwarder>) -> QueueService {
@@ -372,19 +349,6 @@ impl QueueService {
         }
         let (_, r) = self.propose(op, header, deadline).await?;
         expect(r, answer).map(Response::new)
-    }
-
-    /// Where a read goes: Some(route) for a linearizable read, None for a stale one.
-    fn read_route(
-        &self,
-        consistency: api::Consistency,
-        md: &MetadataMap,
-    ) -> Result<Option<Route>, Status> {
-        if consistency == api::Consistency::Stale {
-            Ok(None)
-        } else {
-            route(&self.node, md).map(Some)
-        }
     }
 
     /// Has the leader commit a `Deliver`: proposed here if this node leads, else sent to the
@@ -734,7 +698,11 @@ impl api::queue_server::Queue for QueueService {
         request: Request<api::GetTopicRequest>,
     ) -> Result<Response<api::GetTopicResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         validate_topic_name("name", &req.name).map_err(refused)?;
         if let Some(Route::Forward(addr)) = target {
@@ -744,7 +712,7 @@ impl api::queue_server::Queue for QueueService {
                 .await;
         }
         let name = req.name;
-        let topic = read(&self.node, target.is_some(), deadline, {
+        let topic = read_state(&self.node, target.is_some(), deadline, {
             let name = name.clone();
             move |s| s.queues().topic(&name)
         })
@@ -762,7 +730,11 @@ impl api::queue_server::Queue for QueueService {
         request: Request<api::ListTopicsRequest>,
     ) -> Result<Response<api::ListTopicsResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let target = self.read_route(request.get_ref().consistency(), request.metadata())?;
+        let target = read_route(
+            &self.node,
+            request.get_ref().consistency(),
+            request.metadata(),
+        )?;
         let req = request.into_inner();
         if let Some(Route::Forward(addr)) = target {
             return self
@@ -770,7 +742,7 @@ impl api::queue_server::Queue for QueueService {
                 .list_topics(forward_request(req, deadline))
                 .await;
         }
-        let page = read(&self.node, target.is_some(), deadline, move |s| {
+        let page = read_state(&self.node, target.is_some(), deadline, move |s| {
             s.queues()
                 .list_topics(&req.prefix, req.page_size, &req.page_token)
         })
@@ -1046,7 +1018,7 @@ impl api::queue_server::Queue for QueueService {
                 .map_err(|s| from_owner(&o, s));
         }
         let topic = req.topic;
-        let (stats, created, clock) = read(&self.node, false, deadline, {
+        let (stats, created, clock) = read_state(&self.node, false, deadline, {
             let topic = topic.clone();
             move |s| {
                 let q = s.queues();
