@@ -118,6 +118,33 @@ fn page_size(asked: u32) -> usize {
 }
 
 impl LockService {
+    /// A leader-only lock command (as the queue service's `write`): checks the request and
+    /// builds the command (`command`), forwards the call to the leader or proposes it here,
+    /// and translates the result (`answer`; anything else is a refusal).
+    async fn write<Req, Resp, Fut>(
+        &self,
+        request: Request<Req>,
+        command: impl FnOnce(&Req) -> Result<(Op, Option<api::RequestHeader>), Status>,
+        forward: impl FnOnce(LockClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+        answer: impl FnOnce(R) -> Option<Resp>,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let deadline = deadline_of(request.metadata());
+        let target = route(&self.node, request.metadata())?;
+        let req = request.into_inner();
+        let (op, header) = command(&req)?;
+        if let Route::Forward(addr) = target {
+            return forward(self.client(&addr)?, forward_request(req, deadline)).await;
+        }
+        let result = self.run(op, header, deadline).await?;
+        match result.result.clone().and_then(answer) {
+            Some(resp) => Ok(Response::new(resp)),
+            None => Err(refused(result)),
+        }
+    }
+
     /// Proposes a lock command on this node (the leader) and returns its result.
     async fn run(
         &self,
@@ -273,29 +300,26 @@ impl api::lock_server::Lock for LockService {
         &self,
         request: Request<api::CreateSessionRequest>,
     ) -> Result<Response<api::CreateSessionResponse>, Status> {
-        let deadline = deadline_of(request.metadata());
-        let target = route(&self.node, request.metadata())?;
-        let req = request.into_inner();
-        locks::validate_ttl(req.ttl_ms).map_err(Status::invalid_argument)?;
-        if let Route::Forward(addr) = target {
-            return self
-                .client(&addr)?
-                .create_session(forward_request(req, deadline))
-                .await;
-        }
-        let op = Op::CreateSession(ipb::CreateSession {
-            ttl_ms: req.ttl_ms,
-            client_name: req.client_name,
-        });
-        match self.run(op, req.header, deadline).await? {
-            ipb::LockResult {
-                result: Some(R::SessionOpened(s)),
-            } => Ok(Response::new(api::CreateSessionResponse {
-                session_id: s.session_id,
-                ttl_ms: s.ttl_ms,
-            })),
-            other => Err(refused(other)),
-        }
+        self.write(
+            request,
+            |req| {
+                locks::validate_ttl(req.ttl_ms).map_err(Status::invalid_argument)?;
+                let op = Op::CreateSession(ipb::CreateSession {
+                    ttl_ms: req.ttl_ms,
+                    client_name: req.client_name.clone(),
+                });
+                Ok((op, req.header))
+            },
+            |mut c, r| async move { c.create_session(r).await },
+            |r| match r {
+                R::SessionOpened(s) => Some(api::CreateSessionResponse {
+                    session_id: s.session_id,
+                    ttl_ms: s.ttl_ms,
+                }),
+                _ => None,
+            },
+        )
+        .await
     }
 
     type KeepAliveStream = KeepAliveStream;
@@ -337,26 +361,23 @@ impl api::lock_server::Lock for LockService {
         &self,
         request: Request<api::RevokeSessionRequest>,
     ) -> Result<Response<api::RevokeSessionResponse>, Status> {
-        let deadline = deadline_of(request.metadata());
-        let target = route(&self.node, request.metadata())?;
-        let req = request.into_inner();
-        if let Route::Forward(addr) = target {
-            return self
-                .client(&addr)?
-                .revoke_session(forward_request(req, deadline))
-                .await;
-        }
-        let op = Op::RevokeSession(ipb::RevokeSession {
-            session_id: req.session_id,
-        });
-        match self.run(op, req.header, deadline).await? {
-            ipb::LockResult {
-                result: Some(R::Revoked(r)),
-            } => Ok(Response::new(api::RevokeSessionResponse {
-                released_locks: r.released_locks,
-            })),
-            other => Err(refused(other)),
-        }
+        self.write(
+            request,
+            |req| {
+                let op = Op::RevokeSession(ipb::RevokeSession {
+                    session_id: req.session_id,
+                });
+                Ok((op, req.header))
+            },
+            |mut c, r| async move { c.revoke_session(r).await },
+            |r| match r {
+                R::Revoked(r) => Some(api::RevokeSessionResponse {
+                    released_locks: r.released_locks,
+                }),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn list_sessions(
@@ -466,27 +487,23 @@ impl api::lock_server::Lock for LockService {
         &self,
         request: Request<api::ReleaseRequest>,
     ) -> Result<Response<api::ReleaseResponse>, Status> {
-        let deadline = deadline_of(request.metadata());
-        let target = route(&self.node, request.metadata())?;
-        let req = request.into_inner();
-        locks::validate_name(&req.name).map_err(Status::invalid_argument)?;
-        let owner = owner(req.session_id, &req.client_id)?;
-        if let Route::Forward(addr) = target {
-            return self
-                .client(&addr)?
-                .release(forward_request(req, deadline))
-                .await;
-        }
-        let op = Op::Release(ipb::ReleaseLock {
-            name: req.name,
-            owner: Some(owner),
-        });
-        match self.run(op, req.header, deadline).await? {
-            ipb::LockResult {
-                result: Some(R::Released(released)),
-            } => Ok(Response::new(api::ReleaseResponse { released })),
-            other => Err(refused(other)),
-        }
+        self.write(
+            request,
+            |req| {
+                locks::validate_name(&req.name).map_err(Status::invalid_argument)?;
+                let op = Op::Release(ipb::ReleaseLock {
+                    name: req.name.clone(),
+                    owner: Some(owner(req.session_id, &req.client_id)?),
+                });
+                Ok((op, req.header))
+            },
+            |mut c, r| async move { c.release(r).await },
+            |r| match r {
+                R::Released(released) => Some(api::ReleaseResponse { released }),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn validate_token(
