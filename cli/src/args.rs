@@ -21,11 +21,19 @@ Examples:
   syncctl status                      # each member's role, term, leader and indexes
   syncctl lock run nightly-report -- ./report.sh
   syncctl lock list
+  syncctl cache set k1 v1 --node 1 && syncctl cache get k1 --node 2
+  syncctl member add 4 10.0.0.8:7001 && syncctl member promote 4
   syncctl bench raw --clients 64 --duration 10s
   SYNC_ENDPOINTS=10.0.0.5:7001 syncctl status --output json
+  source <(syncctl completions bash)
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 lock not acquired or timed out
-(`lock run` exits with the command's own code).";
+Exit codes:
+  0  ok
+  1  error (the cluster could not be reached, the server refused the call, ...)
+  2  usage (an unknown command or flag, a malformed value)
+  3  a lock was not acquired or its wait timed out (`lock acquire`, `lock run`), or
+     `cache set --if-version` found another version
+`lock run` exits with its command's own code once the lock is held.";
 
 /// Command-line client for a syncd cluster.
 #[derive(Parser, Debug)]
@@ -150,6 +158,62 @@ Examples:
   syncctl queue tail jobs"
     )]
     Queue(QueueCommand),
+
+    /// Cluster membership: add a node (as a learner), promote a learner, remove a member.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl member add 4 10.0.0.8:7001
+  syncctl member promote 4
+  syncctl member remove 2"
+    )]
+    Member(MemberCommand),
+
+    /// Leadership: hand it to another voter.
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl leader transfer --to 2
+  syncctl leader transfer"
+    )]
+    Leader(LeaderCommand),
+
+    /// Take a snapshot of a node's state machine now, and print its index, term and size.
+    ///
+    /// The node may then compact its log up to the snapshot. If nothing was applied since its
+    /// last snapshot, that one is printed. Without --node, the leader takes it.
+    #[command(after_help = "\
+Examples:
+  syncctl snapshot
+  syncctl snapshot --node 2 --output json")]
+    Snapshot(SnapshotArgs),
+
+    /// The coherent cache, node by node: get, set, delete, MESI state, counters.
+    ///
+    /// Each node caches what it reads and writes, so which node serves a call is part of its
+    /// answer: --node ID sends the call to that node (a HIT or MISS on that node's line).
+    /// Without --node the call goes to the leader (or any member).
+    #[command(
+        subcommand,
+        after_help = "\
+Examples:
+  syncctl cache set k1 v1 --node 1
+  syncctl cache get k1 --node 2          # MISS: node 2 fetches it
+  syncctl cache get k1 --node 1          # HIT: node 1 has it
+  syncctl cache state k1 --node 2        # node 2's line and the directory's holders
+  syncctl cache stats --node 2"
+    )]
+    Cache(CacheCommand),
+
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    #[command(after_help = "\
+Examples:
+  source <(syncctl completions bash)
+  syncctl completions zsh > ~/.zfunc/_syncctl
+  syncctl completions fish > ~/.config/fish/completions/syncctl.fish")]
+    Completions(CompletionsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -828,6 +892,185 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".to_owned());
     }
     Ok(duration)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MemberCommand {
+    /// Add a node as a learner: it receives the log but does not vote until promoted.
+    ///
+    /// The node must already run at ADDRESS, started to join (`syncd --initial-cluster-state
+    /// existing`). Returns once the new configuration is committed; adding a member that is
+    /// already there with the same address changes nothing.
+    #[command(after_help = "\
+Examples:
+  syncctl member add 4 10.0.0.8:7001
+  syncctl member add 4 10.0.0.8:7001 --output json")]
+    Add(MemberAddArgs),
+
+    /// Turn a learner into a voter, once it has caught up with the leader's log.
+    #[command(after_help = "\
+Examples:
+  syncctl member promote 4")]
+    Promote(MemberIdArg),
+
+    /// Remove a member (voter or learner). A removed leader hands over leadership first.
+    #[command(after_help = "\
+Examples:
+  syncctl member remove 2
+  syncctl member remove 4 --output json")]
+    Remove(MemberIdArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MemberAddArgs {
+    /// The new member's node id (never 0, never the id of a current or former member).
+    #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: u64,
+
+    /// The gRPC address at which the members and clients reach it.
+    #[arg(value_parser = parse_endpoint)]
+    pub address: Endpoint,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MemberIdArg {
+    /// The member's node id.
+    #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+    pub id: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeaderCommand {
+    /// Hand leadership to voter --to, or to the most caught-up reachable voter; returns once the
+    /// new leader leads.
+    #[command(after_help = "\
+Examples:
+  syncctl leader transfer --to 2
+  syncctl leader transfer --output json")]
+    Transfer(LeaderTransferArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LeaderTransferArgs {
+    /// The voter that should lead (default: the leader picks the most caught-up one).
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub to: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub node: NodeArg,
+}
+
+/// The node a node-local call goes to.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArg {
+    /// Send the call to the member with this node id (default: the leader, or any member).
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    pub node: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Read a key through a node's cache: value, version, HIT or MISS, MESI state, TTL left.
+    #[command(after_help = "\
+Examples:
+  syncctl cache get k1
+  syncctl cache get k1 --node 2 --output json")]
+    Get(CacheKeyArgs),
+
+    /// Write a key through a node (every other copy is invalidated first), or with
+    /// --if-version only if the key is still at that version (exit code 3 if not).
+    #[command(after_help = "\
+Examples:
+  syncctl cache set k1 v1
+  syncctl cache set k1 v1 --node 1 --ttl 30s
+  syncctl cache set k1 v2 --if-version 7          # exit 3 if k1 is not at version 7
+  syncctl cache set k1 --if-version 0 < value.bin  # only if k1 does not exist")]
+    Set(CacheSetArgs),
+
+    /// Delete a key: every node's copy is invalidated.
+    #[command(after_help = "\
+Examples:
+  syncctl cache del k1
+  syncctl cache del k1 --output json")]
+    Del(CacheKeyArgs),
+
+    /// Show a key's coherence state: the node's line (MESI state, version, lease left) and the
+    /// directory's holders.
+    #[command(after_help = "\
+Examples:
+  syncctl cache state k1 --node 2
+  syncctl cache state k1 --output json")]
+    State(CacheKeyArgs),
+
+    /// Show a node's cache counters: hits, misses, invalidations, write-backs, evictions, bytes.
+    #[command(after_help = "\
+Examples:
+  syncctl cache stats --node 1
+  syncctl cache stats --output json")]
+    Stats(NodeArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheKeyArgs {
+    /// The key (UTF-8, 1 to 1024 bytes).
+    pub key: String,
+
+    #[command(flatten)]
+    pub node: NodeArg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheSetArgs {
+    /// The key (UTF-8, 1 to 1024 bytes).
+    pub key: String,
+
+    /// The value (default: --file, or stdin).
+    #[arg(conflicts_with = "file")]
+    pub value: Option<String>,
+
+    /// Read the value from this file.
+    #[arg(long, value_name = "F")]
+    pub file: Option<PathBuf>,
+
+    /// The key expires this long after the write (default: never).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub ttl: Option<Duration>,
+
+    /// Write only if the key is at this version (0: only if it does not exist); exit code 3
+    /// otherwise.
+    #[arg(long, value_name = "N")]
+    pub if_version: Option<u64>,
+
+    #[command(flatten)]
+    pub node: NodeArg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: ShellArg,
+}
+
+/// The shells `completions` writes scripts for.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+impl From<ShellArg> for clap_complete::Shell {
+    fn from(s: ShellArg) -> Self {
+        match s {
+            ShellArg::Bash => clap_complete::Shell::Bash,
+            ShellArg::Zsh => clap_complete::Shell::Zsh,
+            ShellArg::Fish => clap_complete::Shell::Fish,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,39 @@ use tonic::{Code, Status};
 
 pub use sync_client::error::{NOT_GRPC, START_HINT};
 
+/// `cache set --if-version` found the key at another version: nothing was written. Its own type
+/// so that `main` can give it exit code 3, as the lock's "not acquired": the call worked, the
+/// condition did not hold.
+#[derive(Debug)]
+pub struct CasMismatch {
+    pub key: String,
+    /// The version asked for (0: "does not exist").
+    pub expected: u64,
+    /// The key's version now (0: it does not exist).
+    pub current: u64,
+}
+
+impl std::fmt::Display for CasMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = match self.current {
+            0 => "does not exist".to_owned(),
+            v => format!("is at version {v}"),
+        };
+        let wanted = match self.expected {
+            0 => "not to exist".to_owned(),
+            v => format!("version {v}"),
+        };
+        write!(
+            f,
+            "`{}` {now}, --if-version wanted {wanted}; nothing written (read it with `syncctl \
+             cache get {}`)",
+            self.key, self.key
+        )
+    }
+}
+
+impl StdError for CasMismatch {}
+
 /// Renders an error and its causes on one line: "context: cause: root cause".
 pub fn one_line(err: &anyhow::Error) -> String {
     let text = format!("{err:#}");
@@ -141,6 +174,26 @@ mod tests {
         let status =
             Status::unknown("grpc-status header missing, mapped from HTTP status code 404");
         assert!(describe_status(&status).starts_with("not a gRPC server"));
+    }
+
+    #[test]
+    fn a_cas_mismatch_names_both_versions() {
+        let m = CasMismatch {
+            key: "k1".into(),
+            expected: 7,
+            current: 9,
+        };
+        assert_eq!(
+            m.to_string(),
+            "`k1` is at version 9, --if-version wanted version 7; nothing written (read it with \
+             `syncctl cache get k1`)"
+        );
+        let m = CasMismatch {
+            key: "k1".into(),
+            expected: 0,
+            current: 3,
+        };
+        assert!(m.to_string().contains("wanted not to exist"), "{m}");
     }
 
     #[test]

@@ -66,6 +66,32 @@ pub fn unix_ms(ms: u64) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
+/// Bytes as JSON shows them: `(Some(text), None)` if they are UTF-8, otherwise
+/// `(None, Some(hex))`.
+pub fn text_or_hex(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (Some(text.to_owned()), None),
+        Err(_) => (
+            None,
+            Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        ),
+    }
+}
+
+/// Bytes in a table cell, on one line: text with control characters (a trailing newline from
+/// stdin) escaped, or `0x` and hex.
+pub fn bytes_cell(text: Option<&str>, hex: Option<&str>) -> String {
+    match (text, hex) {
+        (Some(text), _) => text
+            .replace('\\', "\\\\")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r")
+            .replace('\t', "\\t"),
+        (None, Some(hex)) => format!("0x{hex}"),
+        (None, None) => String::new(),
+    }
+}
+
 /// A rate or ratio with three significant digits (at least the integer part).
 pub fn three_digits(x: f64) -> String {
     if x >= 100.0 {
@@ -95,6 +121,15 @@ mod tests {
         assert_eq!(unix_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(unix_ms(0), "-");
         assert_eq!(millis(90_000), "1m 30s");
+    }
+
+    #[test]
+    fn bytes_show_as_escaped_text_or_hex() {
+        let (text, hex) = text_or_hex(b"a\tb\n");
+        assert_eq!(bytes_cell(text.as_deref(), hex.as_deref()), "a\\tb\\n");
+        let (text, hex) = text_or_hex(&[0xff, 0x01]);
+        assert_eq!((text.as_deref(), hex.as_deref()), (None, Some("ff01")));
+        assert_eq!(bytes_cell(text.as_deref(), hex.as_deref()), "0xff01");
     }
 
     #[test]

@@ -248,6 +248,10 @@ pub(crate) enum Target {
     Leader,
     /// Any member (stale reads, watches).
     Any,
+    /// The member with this node id, and no other: calls whose answer depends on the node
+    /// that serves it (a cache line's state, a node-local snapshot). Never redirected to the
+    /// leader; retried on the same node while it cannot be reached.
+    Node(u64),
 }
 
 /// How to send and retry one logical call.
@@ -396,6 +400,14 @@ impl Client {
         remaining: Duration,
     ) -> Result<String, Vec<(String, String)>> {
         let router = &self.inner.router;
+        if let Target::Node(id) = target {
+            return router.address_of(id).ok_or_else(|| {
+                vec![(
+                    format!("node {id}"),
+                    "not a member of the cluster".to_owned(),
+                )]
+            });
+        }
         if let Some(leader) = router.leader() {
             return Ok(leader);
         }
@@ -557,7 +569,8 @@ impl Client {
                 Next::Fail(unreachable(unreachable_at))
             };
         }
-        let hint = leader_hint(status);
+        // A call aimed at one node is about that node: another leader is no better.
+        let hint = leader_hint(status).filter(|_| !matches!(spec.target, Target::Node(_)));
         match status.code() {
             Code::Unavailable | Code::FailedPrecondition
                 if hint.is_some() && hint.as_deref() != Some(address) =>

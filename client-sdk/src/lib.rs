@@ -49,6 +49,11 @@
 //!   ([`Consumer`], [`Delivery`] with ack, nack, extend and [`Delivery::auto_extend`]);
 //! - `cache.rs`: the coherent cache ([`Client::cache_get`], [`Client::cache_set`],
 //!   [`Client::cache_delete`], [`Client::cache_compare_and_set`]);
+//! - `cache_admin.rs`: the cache call by call on a chosen node, with the server's whole answers
+//!   ([`Client::cache_on`], [`NodeCache`]: hit or miss, MESI state, holders, counters);
+//! - `cluster.rs`: administration ([`Client::add_member`], [`Client::remove_member`],
+//!   [`Client::promote_learner`], [`Client::transfer_leader`], [`Client::snapshot`]) and any
+//!   node's status ([`Client::node_status`]);
 //! - `error.rs`: [`Error`].
 //!
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
@@ -57,7 +62,9 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod cache_admin;
 mod client;
+mod cluster;
 pub mod error;
 mod guard;
 mod header;
@@ -67,7 +74,9 @@ pub mod routing;
 mod session;
 
 pub use cache::CachedValue;
+pub use cache_admin::{CasOutcome, NodeCache};
 pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use cluster::{LeaderInfo, MemberInfo, Membership, SnapshotInfo};
 pub use error::{Error, Result};
 pub use guard::{LockGuard, LockRequest};
 pub use locks::{

@@ -13,7 +13,7 @@
 //! ([`crate::api`]): [`leader_in`], which leader a set of `Cluster.Status` answers names, and
 //! [`leader_hint`], the leader a not-leader answer names in its trailers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ struct View {
     term: u64,
     /// Where the next round-robin pick starts.
     next: usize,
+    /// Each member's address by node id, from the latest discovery any member answered, for
+    /// calls aimed at one node (`Target::Node`). A node's own report of its address is believed
+    /// over another member's configuration, which may name a proxy in between.
+    ids: BTreeMap<u64, String>,
 }
 
 /// What one round of discovery found.
@@ -80,6 +84,7 @@ impl Router {
                 leader: None,
                 term: 0,
                 next: 0,
+                ids: BTreeMap::new(),
             }),
             channels: Mutex::new(HashMap::new()),
         })
@@ -115,6 +120,16 @@ impl Router {
     /// Every known member address.
     pub(crate) fn members(&self) -> Vec<String> {
         self.view().members.clone()
+    }
+
+    /// The address of the member with node id `id`, as last discovered.
+    pub(crate) fn address_of(&self, id: u64) -> Option<String> {
+        self.view().ids.get(&id).cloned()
+    }
+
+    /// The node ids of the members, as last discovered, in ascending order.
+    pub(crate) fn member_ids(&self) -> Vec<u64> {
+        self.view().ids.keys().copied().collect()
     }
 
     /// The next member in round-robin order, skipping `avoid` when there is another.
@@ -175,6 +190,9 @@ impl Router {
                     view.members.push(m.address.clone());
                 }
             }
+        }
+        if !statuses.is_empty() {
+            view.ids = addresses_by_id(&statuses);
         }
         if let Some(leader) = leader_in(&statuses)
             && (leader.term >= view.term || view.leader.is_none())
@@ -259,6 +277,22 @@ pub fn leader_in(statuses: &[ClusterStatusResponse]) -> Option<Leader> {
         })
 }
 
+/// Each member's address by node id in a round of `Cluster.Status` answers: what a node says
+/// of itself first, then what the others' configurations say of members that did not answer.
+fn addresses_by_id(statuses: &[ClusterStatusResponse]) -> BTreeMap<u64, String> {
+    let mut ids: BTreeMap<u64, String> = statuses
+        .iter()
+        .filter(|s| s.node_id != 0 && !s.address.is_empty())
+        .map(|s| (s.node_id, s.address.clone()))
+        .collect();
+    for m in statuses.iter().flat_map(|s| &s.members) {
+        if m.id != 0 && !m.address.is_empty() {
+            ids.entry(m.id).or_insert_with(|| m.address.clone());
+        }
+    }
+    ids
+}
+
 /// The leader address a node named in the `x-sync-leader-addr` trailer of an answer, if any.
 ///
 /// ```
@@ -334,6 +368,27 @@ mod tests {
         let leader = leader_in(&statuses).unwrap();
         assert_eq!((leader.id, leader.term), (1, 5));
         assert_eq!(leader_in(&[node(1, Role::Candidate, 6, 0)]), None);
+    }
+
+    #[test]
+    fn a_node_is_believed_about_its_own_address_over_others() {
+        let mut one = node(1, Role::Leader, 2, 1);
+        one.members = vec![
+            sync_proto::sync::v1::MemberStatus {
+                id: 2,
+                address: "proxy-1-2:1".into(),
+                ..Default::default()
+            },
+            sync_proto::sync::v1::MemberStatus {
+                id: 3,
+                address: "proxy-1-3:1".into(),
+                ..Default::default()
+            },
+        ];
+        let two = node(2, Role::Follower, 2, 1);
+        let ids = addresses_by_id(&[one, two]);
+        let ids: Vec<(u64, &str)> = ids.iter().map(|(i, a)| (*i, a.as_str())).collect();
+        assert_eq!(ids, [(1, "n1:1"), (2, "n2:1"), (3, "proxy-1-3:1")]);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! act on a delivery known by its receipt (message id + attempt), as `consume` prints it.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,7 +19,10 @@ use crate::args::{
     QueueRedriveArgs, QueueTailArgs,
 };
 use crate::cluster::sdk_client;
-use crate::output::{millis, print_json, print_json_line, table, three_digits, unix_ms};
+use crate::input::payload;
+use crate::output::{
+    bytes_cell, millis, print_json, print_json_line, table, text_or_hex, three_digits, unix_ms,
+};
 
 /// The long-poll wait of each call `queue tail` makes.
 const TAIL_POLL: Duration = Duration::from_secs(5);
@@ -126,22 +128,12 @@ async fn create(client: &Client, output: Output, args: &QueueCreateArgs) -> anyh
     }
 }
 
-fn payload_of(args: &QueuePublishArgs) -> anyhow::Result<Vec<u8>> {
-    if let Some(text) = &args.message {
-        return Ok(text.clone().into_bytes());
-    }
-    if let Some(path) = &args.file {
-        return std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
-    }
-    let mut payload = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut payload)
-        .context("cannot read the message from stdin")?;
-    Ok(payload)
-}
-
 async fn publish(client: &Client, output: Output, args: &QueuePublishArgs) -> anyhow::Result<()> {
-    let mut message = OutgoingMessage::new(payload_of(args)?);
+    let mut message = OutgoingMessage::new(payload(
+        args.message.as_deref(),
+        args.file.as_deref(),
+        "the message",
+    )?);
     if let Some(key) = &args.key {
         message = message.ordering_key(key);
     }
@@ -193,13 +185,7 @@ struct Printed {
 
 impl Printed {
     fn of(d: &Delivery, acked: bool) -> Printed {
-        let (payload, payload_hex) = match std::str::from_utf8(d.payload()) {
-            Ok(text) => (Some(text.to_owned()), None),
-            Err(_) => (
-                None,
-                Some(d.payload().iter().map(|b| format!("{b:02x}")).collect()),
-            ),
-        };
+        let (payload, payload_hex) = text_or_hex(d.payload());
         Printed {
             topic: d.topic().to_owned(),
             message_id: d.message_id().to_owned(),
@@ -215,16 +201,7 @@ impl Printed {
     }
 
     fn payload_text(&self) -> String {
-        match (&self.payload, &self.payload_hex) {
-            // One line per row: control characters (a trailing newline from stdin) escaped.
-            (Some(text), _) => text
-                .replace('\\', "\\\\")
-                .replace('\n', "\\n")
-                .replace('\r', "\\r")
-                .replace('\t', "\\t"),
-            (None, Some(hex)) => format!("0x{hex}"),
-            (None, None) => String::new(),
-        }
+        bytes_cell(self.payload.as_deref(), self.payload_hex.as_deref())
     }
 }
 

@@ -1,0 +1,174 @@
+//! The cache as an operator sees it: every call aimed at a chosen node, with the server's whole
+//! answer (hit or miss, the line's MESI state, expiry, the directory's holders, the node's
+//! counters).
+//!
+//! Cache calls are served by the node that receives them and never forwarded, so which node a
+//! call reaches is part of its answer: a Get on node 2 after a Set on node 1 is a MISS on node 2
+//! and then a HIT on node 1. [`Client::cache_on`] pins the calls to one node by id (retrying
+//! that node, never another); without a node they go where the client's other cache calls go.
+//!
+//! Retries follow `cache.rs`: Set and Delete are repeated on failure (the cache's
+//! de-duplication is best effort, so a retried write may take a second version), a
+//! CompareAndSet is sent once, since a repeat would fail against its own first application.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use sync_proto::sync::v1 as api;
+use sync_proto::sync::v1::cache_client::CacheClient;
+
+use crate::client::{CallSpec, Client, Target};
+use crate::error::{CallKind, Result};
+
+/// Cache calls sent to one node (or wherever the client sends cache calls); see
+/// [`Client::cache_on`].
+#[derive(Clone, Debug)]
+pub struct NodeCache {
+    client: Client,
+    target: Target,
+}
+
+/// The outcome of a compare-and-set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// Written: the key's new version.
+    Written(u64),
+    /// Not written: the key's version was not the expected one; this is its current version
+    /// (0 if it has no value).
+    Mismatch(u64),
+}
+
+impl Client {
+    /// Cache calls served by node `node`, or, with `None`, by whichever member the client picks
+    /// (the leader if it knows one). Fails with [`crate::Error::NotFound`] if no member has
+    /// that id.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// client.cache_on(Some(1)).await?.set("k1", "v1", None).await?;
+    /// let read = client.cache_on(Some(2)).await?.get("k1").await?;
+    /// println!("node 2: hit {} state {:?}", read.hit, read.state());
+    /// # Ok(()) }
+    /// ```
+    pub async fn cache_on(&self, node: Option<u64>) -> Result<NodeCache> {
+        Ok(NodeCache {
+            client: self.clone(),
+            target: self.target_node(node, Target::Any).await?,
+        })
+    }
+}
+
+impl NodeCache {
+    fn spec(&self, repeatable: bool) -> CallSpec {
+        CallSpec {
+            kind: CallKind::Other,
+            target: self.target,
+            repeatable,
+            wait: Duration::ZERO,
+        }
+    }
+
+    /// Reads `key` through the node's line: found or not, value, version, hit or miss, the
+    /// line's state after the read and the key's expiry.
+    pub async fn get(&self, key: &str) -> Result<api::CacheGetResponse> {
+        let request = api::CacheGetRequest {
+            key: key.to_owned(),
+        };
+        self.client
+            .unary(self.spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).get(r).await
+            })
+            .await
+    }
+
+    /// Writes `key` (expiring after `ttl`, if given) through the node; returns the new version.
+    pub async fn set(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<u64> {
+        let request = api::CacheSetRequest {
+            header: self.client.ticket().header(),
+            key: key.to_owned(),
+            value: value.into(),
+            ttl_ms: ttl_ms(ttl),
+        };
+        let r = self
+            .client
+            .unary(self.spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).set(r).await
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Writes `key` only if its version is `expected_version` (0: only if it has no value).
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected_version: u64,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<CasOutcome> {
+        let request = api::CompareAndSetRequest {
+            header: self.client.ticket().header(),
+            key: key.to_owned(),
+            expected_version,
+            value: value.into(),
+            ttl_ms: ttl_ms(ttl),
+        };
+        let r = self
+            .client
+            .unary(self.spec(false), request, |ch, r| async move {
+                CacheClient::new(ch).compare_and_set(r).await
+            })
+            .await?;
+        Ok(if r.success {
+            CasOutcome::Written(r.version)
+        } else {
+            CasOutcome::Mismatch(r.version)
+        })
+    }
+
+    /// Deletes `key`: whether it existed, and the version given to the deletion.
+    pub async fn delete(&self, key: &str) -> Result<api::CacheDeleteResponse> {
+        let request = api::CacheDeleteRequest {
+            header: self.client.ticket().header(),
+            key: key.to_owned(),
+        };
+        self.client
+            .unary(self.spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).delete(r).await
+            })
+            .await
+    }
+
+    /// The coherence state of `key`: the node's line, and, on the node running the directory
+    /// (the leader), every holder.
+    pub async fn state(&self, key: &str) -> Result<api::CacheStateResponse> {
+        let request = api::CacheStateRequest {
+            key: key.to_owned(),
+        };
+        self.client
+            .unary(self.spec(true), request, |ch, r| async move {
+                CacheClient::new(ch).state(r).await
+            })
+            .await
+    }
+
+    /// The node's cache counters since it started.
+    pub async fn stats(&self) -> Result<api::CacheStatsResponse> {
+        self.client
+            .unary(
+                self.spec(true),
+                api::CacheStatsRequest {},
+                |ch, r| async move { CacheClient::new(ch).stats(r).await },
+            )
+            .await
+    }
+}
+
+fn ttl_ms(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+}
