@@ -21,9 +21,15 @@ pub fn endpoints(c: &Cluster) -> String {
 
 /// `syncctl --endpoints <the cluster> ARGS`, without the caller's SYNC_ENDPOINTS.
 pub fn syncctl(c: &Cluster, args: &[&str]) -> Command {
+    syncctl_at(&endpoints(c), args)
+}
+
+/// `syncctl --endpoints ENDPOINTS ARGS`, for a task that runs while the test changes the
+/// cluster (and so cannot borrow it).
+pub fn syncctl_at(endpoints: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_syncctl"));
     command
-        .args(["--endpoints", &endpoints(c)])
+        .args(["--endpoints", endpoints])
         .args(args)
         .env_remove("SYNC_ENDPOINTS")
         .stdin(Stdio::null())
