@@ -1258,6 +1258,57 @@ mod tests {
     }
 
     #[test]
+    fn cache_set_takes_a_value_a_ttl_a_version_and_a_node() {
+        let cli = parse(&[
+            "cache",
+            "set",
+            "k1",
+            "v1",
+            "--ttl",
+            "30s",
+            "--if-version",
+            "7",
+            "--node",
+            "2",
+        ])
+        .unwrap();
+        let Command::Cache(CacheCommand::Set(set)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(set.value.as_deref(), Some("v1"));
+        assert_eq!(set.ttl, Some(Duration::from_secs(30)));
+        assert_eq!((set.if_version, set.node.node), (Some(7), Some(2)));
+        // A value and --file at once is a usage error.
+        let err = parse(&["cache", "set", "k1", "v1", "--file", "f"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn member_and_leader_commands_take_node_ids() {
+        let cli = parse(&["member", "add", "4", "http://10.0.0.8:7001"]).unwrap();
+        let Command::Member(MemberCommand::Add(add)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            (add.id, add.address.to_string()),
+            (4, "10.0.0.8:7001".into())
+        );
+        let cli = parse(&["leader", "transfer"]).unwrap();
+        let Command::Leader(LeaderCommand::Transfer(t)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(t.to, None);
+        for args in [
+            &["member", "promote", "0"][..],
+            &["member", "remove"],
+            &["leader", "transfer", "--to", "0"],
+            &["snapshot", "--node", "-2"],
+        ] {
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
     fn every_command_shows_an_example_in_its_help() {
         fn walk(cmd: &mut clap::Command, path: &str) {
             let help = cmd.render_long_help().to_string();

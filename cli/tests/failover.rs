@@ -57,7 +57,7 @@ async fn calls_fail_cleanly_while_the_leader_dies_and_succeed_again_after() {
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let n = i.to_string();
-                    let (what, args): (&'static str, Vec<&str>) = if i % 2 == 0 {
+                    let (what, args): (&'static str, Vec<&str>) = if i.is_multiple_of(2) {
                         ("queue publish", vec!["queue", "publish", "failover", &n])
                     } else {
                         ("cache set", vec!["cache", "set", "failover-key", &n])
