@@ -78,8 +78,9 @@ struct Taken {
     index: u64,
     term: u64,
     size_bytes: u64,
-    /// The call's duration as syncctl measured it (the server does not report its own).
-    took_ms: u64,
+    /// The call's duration in microseconds, as syncctl measured it (the server does not report
+    /// its own).
+    took_us: u64,
 }
 
 pub async fn snapshot(global: &GlobalOpts, args: &SnapshotArgs) -> anyhow::Result<()> {
@@ -94,7 +95,7 @@ pub async fn snapshot(global: &GlobalOpts, args: &SnapshotArgs) -> anyhow::Resul
         index: s.index,
         term: s.term,
         size_bytes: s.size_bytes,
-        took_ms: u64::try_from(s.took.as_millis()).unwrap_or(u64::MAX),
+        took_us: u64::try_from(s.took.as_micros()).unwrap_or(u64::MAX),
     };
     match global.output {
         Output::Json => print_json(&taken),
@@ -108,7 +109,7 @@ pub async fn snapshot(global: &GlobalOpts, args: &SnapshotArgs) -> anyhow::Resul
                 taken.index.to_string(),
                 taken.term.to_string(),
                 taken.size_bytes.to_string(),
-                micros(u64::try_from(s.took.as_micros()).unwrap_or(u64::MAX)),
+                micros(taken.took_us),
             ]);
             println!("{t}");
             Ok(())

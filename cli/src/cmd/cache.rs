@@ -260,7 +260,11 @@ async fn state(client: &Client, output: Output, args: &CacheKeyArgs) -> anyhow::
                 shown.node_id.to_string(),
                 shown.state.to_owned(),
                 shown.version.to_string(),
-                millis(shown.lease_remaining_ms),
+                // An INVALID line holds no lease.
+                match shown.lease_remaining_ms {
+                    0 => "-".to_owned(),
+                    ms => millis(ms),
+                },
             ]);
             println!("{t}");
             println!();
