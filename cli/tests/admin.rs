@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
-use sync_tests::harness::configuration;
 use sync_tests::wait::eventually;
-use sync_tests::{Cluster, Options, scenario};
+use sync_tests::{Options, scenario};
 
 mod common;
 
@@ -34,23 +33,6 @@ fn members(printed: &Value) -> anyhow::Result<Vec<(u64, bool)>> {
     Ok(m)
 }
 
-/// Waits until every node in `nodes` reports `expected` as its configuration.
-async fn wait_for_configuration(
-    c: &Cluster,
-    nodes: &[u64],
-    expected: &[(u64, bool)],
-) -> anyhow::Result<()> {
-    let what = format!("nodes {nodes:?} to report configuration {expected:?}");
-    eventually(&what, PATIENCE, async || {
-        for &id in nodes {
-            let s = c.status(id).await?;
-            ensure!(configuration(&s) == expected, "node {id}: {s:?}");
-        }
-        Ok(())
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_joins_as_a_learner_is_promoted_and_a_member_is_removed() {
     scenario(3, Options::default(), LIMIT, async |c| {
@@ -61,7 +43,8 @@ async fn a_node_joins_as_a_learner_is_promoted_and_a_member_is_removed() {
         let with_learner = [(1, false), (2, false), (3, false), (4, true)];
         ensure!(members(&added)? == with_learner, "{added}");
         ensure!(u64_at(&added, "/config_index")? > 0, "{added}");
-        wait_for_configuration(c, &[1, 2, 3, 4], &with_learner).await?;
+        c.wait_for_configuration(&[1, 2, 3, 4], &with_learner, PATIENCE)
+            .await?;
         // Adding it again with the same address changes nothing and succeeds.
         let again = json(c, &["member", "add", "4", &address]).await?;
         ensure!(members(&again)? == with_learner, "{again}");
@@ -75,7 +58,8 @@ async fn a_node_joins_as_a_learner_is_promoted_and_a_member_is_removed() {
         .await?;
         let four_voters = [(1, false), (2, false), (3, false), (4, false)];
         ensure!(members(&promoted)? == four_voters, "{promoted}");
-        wait_for_configuration(c, &[1, 2, 3, 4], &four_voters).await?;
+        c.wait_for_configuration(&[1, 2, 3, 4], &four_voters, PATIENCE)
+            .await?;
         let err = fails(c, &["member", "promote", "4"], 1).await?;
         ensure!(err.contains("failed precondition"), "{err}");
 
@@ -89,7 +73,8 @@ async fn a_node_joins_as_a_learner_is_promoted_and_a_member_is_removed() {
             .collect();
         ensure!(members(&removed)? == rest, "{removed}");
         let remaining: Vec<u64> = rest.iter().map(|&(id, _)| id).collect();
-        wait_for_configuration(c, &remaining, &rest).await?;
+        c.wait_for_configuration(&remaining, &rest, PATIENCE)
+            .await?;
 
         let err = fails(c, &["member", "remove", "99"], 1).await?;
         ensure!(err.contains("not found"), "{err}");

@@ -1150,6 +1150,27 @@ impl Cluster {
         Ok(caught_up)
     }
 
+    /// Waits until every node of `nodes` reports `expected` (`(id, learner)` in id order, as
+    /// [`configuration`] gives it) as its configuration.
+    pub async fn wait_for_configuration(
+        &self,
+        nodes: &[u64],
+        expected: &[(u64, bool)],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let what = format!("nodes {nodes:?} to report configuration {expected:?}");
+        eventually(&what, timeout, async || {
+            for &id in nodes {
+                let s = self.status(id).await?;
+                anyhow::ensure!(configuration(&s) == expected, "{}", summarize(&s));
+            }
+            Ok(())
+        })
+        .await?;
+        self.note(format!("nodes {nodes:?} report configuration {expected:?}"));
+        Ok(())
+    }
+
     /// Waits until every running node has applied exactly what the agreed leader has committed
     /// (and commits as much), and returns that index. Meant for a quiet cluster.
     pub async fn wait_for_convergence(&self, timeout: Duration) -> anyhow::Result<u64> {
