@@ -49,6 +49,8 @@
 //!   ([`Consumer`], [`Delivery`] with ack, nack, extend and [`Delivery::auto_extend`]);
 //! - `cache.rs`: the coherent cache ([`Client::cache_get`], [`Client::cache_set`],
 //!   [`Client::cache_delete`], [`Client::cache_compare_and_set`]);
+//! - `near/`: the opt-in near cache ([`Client::near_cache`], [`NearCache`]): `core.rs` decides
+//!   what may be served (pure: no I/O, no clock), `mod.rs` runs the invalidation stream;
 //! - `error.rs`: [`Error`].
 //!
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
@@ -62,6 +64,7 @@ pub mod error;
 mod guard;
 mod header;
 mod locks;
+mod near;
 mod queue;
 pub mod routing;
 mod session;
@@ -73,6 +76,7 @@ pub use guard::{LockGuard, LockRequest};
 pub use locks::{
     Holder, LockEvent, LockEventKind, LockMode, LockState, SessionInfo, WaitEdge, Waiter,
 };
+pub use near::{NearCache, NearCacheConfig, NearCacheStats, NearValue};
 pub use queue::{AutoExtend, Consumer, Delivery, OutgoingMessage, Published, TopicStats};
 pub use session::{Session, SessionBuilder};
 
