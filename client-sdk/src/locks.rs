@@ -81,6 +81,20 @@ impl FromStr for LockMode {
 }
 
 /// One holder of a lock.
+///
+/// ```
+/// use sync_client::{Holder, LockMode};
+///
+/// let h = Holder {
+///     session_id: 7,
+///     client_name: "billing-3".into(),
+///     mode: LockMode::Exclusive,
+///     token: 42,
+///     acquired_unix_ms: 0,
+///     lock_delay_ms: 0,
+/// };
+/// assert_eq!(h.mode, LockMode::Exclusive);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Holder {
@@ -157,6 +171,19 @@ pub struct LockState {
 
 impl LockState {
     /// True if nobody holds the lock.
+    ///
+    /// ```
+    /// use sync_client::LockState;
+    ///
+    /// let free = LockState {
+    ///     name: "k".into(),
+    ///     mode: None,
+    ///     holders: vec![],
+    ///     waiters: vec![],
+    ///     lock_delay_until_unix_ms: 0,
+    /// };
+    /// assert!(free.is_free());
+    /// ```
     pub fn is_free(&self) -> bool {
         self.holders.is_empty()
     }

@@ -88,6 +88,14 @@ impl<T: Into<Bytes>> From<T> for OutgoingMessage {
 }
 
 /// What publishing one message did.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let p = client.publish("jobs", "resize 42").await?;
+/// assert!(!p.deduplicated);
+/// println!("stored as {}", p.message_id);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     /// The message's id (for a de-duplicated publish, the earlier message's).
@@ -107,6 +115,21 @@ impl From<api::PublishResponse> for Published {
 
 /// One delivery of a message. Acknowledge it with [`Delivery::ack`] once handled; otherwise it
 /// is delivered again after its visibility timeout.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// for d in client.consumer("jobs").receive().await? {
+///     match std::str::from_utf8(d.payload()) {
+///         Ok(job) => {
+///             println!("attempt {} of {}: {job}", d.attempt(), d.message_id());
+///             d.ack().await?;
+///         }
+///         Err(_) => d.nack(Duration::from_secs(10)).await?,
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Delivery {
     client: Client,
@@ -175,6 +198,15 @@ impl Delivery {
     }
 
     /// Gives the delivery back: the message becomes visible again after `delay`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.nack(Duration::from_secs(5)).await?; // back in the topic in 5 s
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn nack(&self, delay: Duration) -> Result<()> {
         self.client
             .queue_write(
@@ -210,6 +242,18 @@ impl Delivery {
 
     /// Extends the visibility timeout to `timeout` every `timeout / 3` until the returned guard
     /// is dropped: for a handler whose run time is unknown.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").visibility(Duration::from_secs(30)).receive().await? {
+    ///     let extending = d.auto_extend(Duration::from_secs(30));
+    ///     // ... a handler that may run for minutes ...
+    ///     drop(extending);
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn auto_extend(&self, timeout: Duration) -> AutoExtend {
         let delivery = self.clone();
         let every = (timeout / 3).max(Duration::from_millis(100));
@@ -225,6 +269,16 @@ impl Delivery {
 }
 
 /// Stops extending a delivery's visibility when dropped (see [`Delivery::auto_extend`]).
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// for d in client.consumer("jobs").receive().await? {
+///     let _extending = d.auto_extend(Duration::from_secs(30)); // stops at the end of the block
+///     d.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct AutoExtend(tokio::task::JoinHandle<()>);
 
@@ -235,6 +289,18 @@ impl Drop for AutoExtend {
 }
 
 /// How to consume a topic; made by [`Client::consumer`].
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// let consumer = client
+///     .consumer("jobs")
+///     .batch(32)
+///     .visibility(Duration::from_secs(60))
+///     .wait(Duration::from_secs(10));
+/// let deliveries = consumer.receive().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Consumer {
     client: Client,
@@ -335,6 +401,13 @@ impl Consumer {
 }
 
 /// A topic's counts, as `Stats` reports them.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let stats = client.topic_stats("jobs").await?;
+/// println!("{stats:?}");
+/// # Ok(()) }
+/// ```
 pub type TopicStats = api::QueueStatsResponse;
 
 impl Client {
@@ -372,6 +445,13 @@ impl Client {
     }
 
     /// Publishes up to 1 000 messages atomically (all or none), in order.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let ids = client.publish_batch("jobs", ["a", "b", "c"]).await?;
+    /// assert_eq!(ids.len(), 3);
+    /// # Ok(()) }
+    /// ```
     pub async fn publish_batch<M: Into<OutgoingMessage>>(
         &self,
         topic: &str,
@@ -404,6 +484,13 @@ impl Client {
 
     /// Creates a topic with `settings` (zero fields take the defaults); true if it was created,
     /// false if it existed with the same settings.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let settings = sync_client::api::TopicSettings::default(); // zero fields: the defaults
+    /// client.create_topic("jobs", settings).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn create_topic(&self, name: &str, settings: api::TopicSettings) -> Result<bool> {
         let r = self
             .queue_write(
@@ -485,6 +572,12 @@ impl Client {
     }
 
     /// Deletes every message of `topic` (visible, in flight and delayed); returns how many.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let removed = client.purge("jobs").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn purge(&self, topic: &str) -> Result<u64> {
         let r = self
             .queue_write(
@@ -516,6 +609,14 @@ impl Client {
     }
 
     /// The topics whose names start with `prefix`, every page of them.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for t in client.list_topics("").await? {
+    ///     println!("{t:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list_topics(&self, prefix: &str) -> Result<Vec<api::Topic>> {
         let mut topics = Vec::new();
         let mut page_token = String::new();
