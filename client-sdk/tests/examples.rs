@@ -19,6 +19,10 @@ mod common;
 use common::{client, short_cache_lease as options};
 
 #[allow(dead_code)]
+#[path = "../examples/lock_protected_job.rs"]
+mod lock_protected_job;
+
+#[allow(dead_code)]
 #[path = "../examples/worker_pool.rs"]
 mod worker_pool;
 
@@ -27,6 +31,38 @@ mod worker_pool;
 mod read_through_cache;
 
 const LIMIT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_protected_jobs_run_one_at_a_time_with_increasing_tokens() {
+    scenario(3, Options::default(), LIMIT, async |c| {
+        let client = client(c).await?;
+        // Two copies at once: the lock serializes them, so both finish, one after the other,
+        // and the second holds a newer fencing token.
+        let wait = Duration::from_secs(60);
+        let (a, b) = tokio::join!(
+            lock_protected_job::run(&client, wait),
+            lock_protected_job::run(&client, wait)
+        );
+        let (a, b) = (
+            a.map_err(|e| anyhow::anyhow!("{e}"))?,
+            b.map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let tokens = match (a, b) {
+            (
+                lock_protected_job::Outcome::Done { token: t1, rows: 3 },
+                lock_protected_job::Outcome::Done { token: t2, rows: 3 },
+            ) => (t1, t2),
+            other => anyhow::bail!("both jobs should write 3 rows: {other:?}"),
+        };
+        ensure!(tokens.0 != tokens.1, "two holds with one token: {tokens:?}");
+        ensure!(
+            client.get_lock(lock_protected_job::LOCK).await?.is_free(),
+            "the lock is still held after both jobs"
+        );
+        Ok(())
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_pool_runs_every_job_once_and_retries_the_failures() {
