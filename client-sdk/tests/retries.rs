@@ -5,7 +5,9 @@
 //!   session, and the second answer is the first one's;
 //! - SDK publishes in flight while the leader is killed each succeed or fail with a retryable
 //!   error within their deadline, none is applied twice, and every one that succeeded is
-//!   durable (consumed afterwards).
+//!   durable (consumed afterwards);
+//! - SDK cache writes in flight while the leader is killed likewise end within their deadline,
+//!   and every acknowledged one is read back afterwards with its version or a newer one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,11 +19,11 @@ use futures::StreamExt;
 use sync_client::api::lock_client::LockClient;
 use sync_client::api::queue_client::QueueClient;
 use sync_client::{Client, Error, api};
-use sync_tests::{Options, scenario};
+use sync_tests::{Cluster, Options, scenario};
 use tokio::time::Instant;
 
 mod common;
-use common::endpoints;
+use common::{endpoints, short_cache_lease};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -122,90 +124,121 @@ async fn a_call_repeated_with_the_same_header_is_applied_once() {
     .await;
 }
 
-/// How one publish ended.
-#[derive(Debug)]
-enum Outcome {
-    Published(String),
-    Failed(Error),
+/// The overall deadline of each call in the failover tests.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A client whose calls give up after [`DEADLINE`], once the cluster has a leader.
+async fn failover_client(c: &Cluster) -> anyhow::Result<Client> {
+    c.wait_for_leader(Duration::from_secs(10)).await?;
+    Ok(Client::builder(endpoints(c))
+        .deadline(DEADLINE)
+        .request_timeout(Duration::from_secs(2))
+        .connect()
+        .await?)
+}
+
+/// What calls made across a leader kill gave: the acknowledged ones (name -> answer), the
+/// names of every call made, and the failures.
+struct Across<T> {
+    acknowledged: BTreeMap<String, T>,
+    attempted: BTreeSet<String>,
+    failures: Vec<(String, Error)>,
+}
+
+/// Runs `call(name)` in a loop on three tasks, with fresh names, while the leader is killed and
+/// a new one elected, and checks what the SDK promises of each call: it ends within its
+/// deadline, and a failure is retryable (unreachable, no leader, or timed out).
+async fn across_a_leader_kill<T, F, Fut>(c: &mut Cluster, call: F) -> anyhow::Result<Across<T>>
+where
+    T: Send + 'static,
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = sync_client::Result<T>> + Send,
+{
+    let leader = c.wait_for_leader(Duration::from_secs(10)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..3 {
+        let (call, stop) = (call.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("t{t}-{i}");
+                let started = Instant::now();
+                let outcome = call(name.clone()).await;
+                outcomes.push((name, started.elapsed(), outcome));
+                i += 1;
+            }
+            outcomes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill9(leader.id).await?;
+    c.wait_for_leader(Duration::from_secs(20)).await?;
+    // Let calls run against the new leader for a while too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut across = Across {
+        acknowledged: BTreeMap::new(),
+        attempted: BTreeSet::new(),
+        failures: Vec::new(),
+    };
+    for task in tasks {
+        for (name, took, outcome) in task.await? {
+            // The SDK's deadline plus its per-attempt grace; a slow machine gets 2 s more.
+            ensure!(
+                took <= DEADLINE + Duration::from_secs(2),
+                "call {name} took {took:?}, past its deadline {DEADLINE:?}"
+            );
+            across.attempted.insert(name.clone());
+            match outcome {
+                Ok(answer) => {
+                    across.acknowledged.insert(name, answer);
+                }
+                Err(e) => {
+                    ensure!(
+                        e.is_retryable() || matches!(e, Error::Timeout { .. }),
+                        "call {name} failed with a non-retryable error: {e}"
+                    );
+                    across.failures.push((name, e));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{} calls acknowledged, {} failed retryably ({:?})",
+        across.acknowledged.len(),
+        across.failures.len(),
+        across
+            .failures
+            .iter()
+            .map(|(_, e)| e.to_string())
+            .collect::<Vec<_>>(),
+    );
+    Ok(across)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_in_flight_when_the_leader_dies_are_applied_at_most_once_and_kept_if_acknowledged()
  {
     scenario(3, Options::default(), LIMIT, async |c| {
-        const DEADLINE: Duration = Duration::from_secs(10);
-        let leader = c.wait_for_leader(Duration::from_secs(10)).await?;
-        let client = Client::builder(endpoints(c))
-            .deadline(DEADLINE)
-            .request_timeout(Duration::from_secs(2))
-            .connect()
-            .await?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut publishers = Vec::new();
-        for p in 0..3 {
-            let (client, stop) = (client.clone(), Arc::clone(&stop));
-            publishers.push(tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let payload = format!("p{p}-{i}");
-                    let started = Instant::now();
-                    let outcome = match client.publish("failover", payload.clone()).await {
-                        Ok(published) => Outcome::Published(published.message_id),
-                        Err(e) => Outcome::Failed(e),
-                    };
-                    outcomes.push((payload, started.elapsed(), outcome));
-                    i += 1;
-                }
-                outcomes
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        c.kill9(leader.id).await?;
-        c.wait_for_leader(Duration::from_secs(20)).await?;
-        // Let publishes run against the new leader for a while too.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stop.store(true, Ordering::Relaxed);
-
-        let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
-        let mut attempted = BTreeSet::new();
-        let mut failures = Vec::new();
-        for p in publishers {
-            for (payload, took, outcome) in p.await? {
-                // The SDK's deadline plus its per-attempt grace; a slow machine gets 2 s more.
-                ensure!(
-                    took <= DEADLINE + Duration::from_secs(2),
-                    "publish {payload} took {took:?}, past its deadline {DEADLINE:?}"
-                );
-                attempted.insert(payload.clone());
-                match outcome {
-                    Outcome::Published(id) => {
-                        acknowledged.insert(payload, id);
-                    }
-                    Outcome::Failed(e) => {
-                        ensure!(
-                            e.is_retryable() || matches!(e, Error::Timeout { .. }),
-                            "publish {payload} failed with a non-retryable error: {e}"
-                        );
-                        failures.push((payload, e));
-                    }
-                }
-            }
-        }
+        let client = failover_client(c).await?;
+        let publisher = client.clone();
+        let Across {
+            acknowledged,
+            attempted,
+            ..
+        } = across_a_leader_kill(c, move |payload| {
+            let client = publisher.clone();
+            async move { client.publish("failover", payload).await }
+        })
+        .await?;
         ensure!(
             client.retries() > 0,
             "no publish was retried across the leader's death"
         );
-        eprintln!(
-            "{} publishes acknowledged, {} failed retryably ({:?}), {} attempts retried",
-            acknowledged.len(),
-            failures.len(),
-            failures
-                .iter()
-                .map(|(_, e)| e.to_string())
-                .collect::<Vec<_>>(),
-            client.retries()
-        );
+        eprintln!("{} attempts retried", client.retries());
 
         // Drain the topic: every acknowledged publish once, nothing twice, nothing unknown.
         let mut seen: BTreeMap<String, u32> = BTreeMap::new();
@@ -247,6 +280,41 @@ async fn publishes_in_flight_when_the_leader_dies_are_applied_at_most_once_and_k
         ensure!(twice.is_empty(), "published more than once: {twice:?}");
         let unknown: Vec<_> = seen.keys().filter(|p| !attempted.contains(*p)).collect();
         ensure!(unknown.is_empty(), "messages nobody published: {unknown:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_sets_in_flight_when_the_leader_dies_are_kept_if_acknowledged() {
+    scenario(3, short_cache_lease(), LIMIT, async |c| {
+        let client = failover_client(c).await?;
+        // The first write waits out the new directory's grace (one cache lease), so that the
+        // loop below runs at full speed before the kill.
+        client.cache_set("warm-up", "x", None).await?;
+        let writer = client.clone();
+        let across = across_a_leader_kill(c, move |key| {
+            let client = writer.clone();
+            async move { client.cache_set(&key, key.clone(), None).await }
+        })
+        .await?;
+        ensure!(
+            client.retries() > 0,
+            "no cache write was retried across the leader's death"
+        );
+        // Every acknowledged write is in the cache's memory (the replicated state machine),
+        // with its version or a newer one (a retried Set may be applied again: cache.proto).
+        for (key, version) in &across.acknowledged {
+            let read = client
+                .cache_get(key)
+                .await?
+                .with_context(|| format!("acknowledged write of {key} (v{version}) lost"))?;
+            ensure!(
+                read.value == key.as_bytes() && read.version >= *version,
+                "{key}: acknowledged v{version}, read {read:?}"
+            );
+        }
+        eprintln!("{} attempts retried", client.retries());
         Ok(())
     })
     .await;
