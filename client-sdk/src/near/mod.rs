@@ -4,40 +4,7 @@
 //! The shell here owns the stream, the connection to the node it comes from (the *home*), and
 //! the calls; the rules that decide what may be served live in the pure [`core`].
 //!
-//! # What a near hit guarantees, and what it does not
-//!
-//! The server's `Subscribe` reports an invalidation when the home node's line stops being
-//! valid, and the home node's line stops being valid *before* a write elsewhere completes (the
-//! directory waits for its acknowledgement, or for its lease to run out). But the event then
-//! travels to this process on its own, after the node acknowledged: a write can complete while
-//! its event is still on the wire. So a near cache gives **bounded staleness**, not the
-//! linearizable reads of [`Client::cache_get`]:
-//!
-//! - **Writes of this process are never hidden.** A write made through the [`NearCache`]
-//!   handle drops the key before it is sent and again when it is answered, and discards fills
-//!   in flight, so a read through the handle after the write returned sees it or something
-//!   newer. Hits never go back in version. (A write made with [`Client::cache_set`] directly,
-//!   not through the handle, is seen like another process's write.)
-//! - **Writes of other processes** are hidden by a hit for at most the time their invalidation
-//!   takes from the home node to this process: normally one network hop. If the connection to
-//!   the home node breaks silently (a partition, a hung node), HTTP/2 keep-alive pings notice
-//!   within [`NearCacheConfig::liveness`]; until then hits may be stale by that much, plus the
-//!   hop. There is no bound beyond that if this process itself stalls with events unread.
-//! - **Only values the home node keeps.** Fills come from the home node only, over the same
-//!   connection as the stream, and are kept only if that node kept a valid line (it then owes
-//!   an event when the line ends: a write anywhere, a delete, a TTL, an eviction, a lost lease,
-//!   a new leader). The stream is established (the server holds the subscriber) before the
-//!   first fill is sent.
-//! - **A fill that raced an invalidation is discarded** by version: an event for version `v`
-//!   discards every fill in flight of version `v` or older (the event can overtake the answer).
-//! - **No stream, no hits.** When the stream ends or breaks (the node died, restarted, lagged
-//!   more than its buffer and was cut off with ABORTED, or keep-alive found the connection
-//!   dead), the whole near cache is emptied, and reads go to the cluster (through
-//!   [`Client::cache_get`], with its routing and retries) until a new stream, to any member,
-//!   is established. Nothing filled under the old stream is kept.
-//! - **TTLs** are checked against this process's wall clock, from the expiry the node reports
-//!   on its own clock; the node's `EXPIRED` event is what normally ends the entry, and clock
-//!   skew can make the local check late by the skew.
+//! What a hit guarantees is stated on [`NearCache`], where users of the crate read it.
 
 pub(crate) mod core;
 
@@ -148,7 +115,48 @@ pub struct NearValue {
 
 /// An in-process cache in front of the cluster's cache, kept coherent by an invalidation
 /// stream. Cheap to clone: clones share the entries and the stream, which stops when the last
-/// clone is dropped. See the [module documentation](self) for exactly what a hit guarantees.
+/// clone is dropped.
+///
+/// # What a hit guarantees, and what it does not
+///
+/// The server's `Subscribe` reports an invalidation when the home node's line stops being
+/// valid, and the home node's line stops being valid *before* a write elsewhere completes (the
+/// directory waits for its acknowledgement, or for its lease to run out; the node publishes
+/// the event in the same step as it drops the line, before it acknowledges). But the event then
+/// travels to this process on its own, after the node acknowledged: a write can complete while
+/// its event is still on the wire. So a near cache gives **bounded staleness**, not the
+/// linearizable reads of [`Client::cache_get`]:
+///
+/// - **Writes of this process are never hidden.** A write made through the [`NearCache`]
+///   handle drops the key before it is sent and again when it is answered, and discards fills
+///   in flight, so a read through the handle after the write returned sees it or something
+///   newer. Hits never go back in version. (A write made with [`Client::cache_set`] directly,
+///   not through the handle, is seen like another process's write.)
+/// - **Writes of other processes** are hidden by a hit for at most the time their invalidation
+///   takes from the home node to this process: normally one network hop. If the connection to
+///   the home node breaks silently (a partition, a paused node process), HTTP/2 keep-alive
+///   pings notice within [`NearCacheConfig::liveness`]; until then hits may be stale by that
+///   much, plus the hop. Two cases have no bound: this process stalling with events unread, and
+///   a home node whose process still answers pings while its cache task is stuck (its own hits
+///   stop then, at the end of its lease; this cache's do not, since the server's stream carries
+///   no heartbeat to tell the two apart).
+/// - **Only values the home node keeps.** Fills come from the home node only, over the same
+///   connection as the stream, and are kept only if that node kept a valid line (it then owes
+///   an event when the line ends: a write anywhere, a delete, a TTL, an eviction, a lost lease,
+///   a new leader). The stream is established (the server holds the subscriber) before the
+///   first fill is sent.
+/// - **A fill that raced an invalidation is discarded** by version: an event for version `v`
+///   discards every fill in flight of version `v` or older (the event can overtake the answer).
+/// - **No stream, no hits.** When the stream ends or breaks (the node died, restarted, lagged
+///   more than its buffer and was cut off with ABORTED, or keep-alive found the connection
+///   dead), the whole near cache is emptied, and reads go to the cluster (through
+///   [`Client::cache_get`], with its routing and retries) until a new stream, to any member,
+///   is established. Nothing filled under the old stream is kept.
+/// - **TTLs** are checked against this process's wall clock, from the expiry the node reports
+///   on its own clock; the node's `EXPIRED` event is what normally ends the entry, and clock
+///   skew can make the local check late by the skew.
+///
+/// # Example
 ///
 /// ```no_run
 /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
