@@ -183,6 +183,14 @@ impl Delivery {
     /// Acknowledges the delivery: the message is deleted. Fails with
     /// [`Error::FailedPrecondition`](crate::Error::FailedPrecondition) if the message was
     /// delivered again since (this consumer was too slow).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.ack().await?; // deleted: never delivered again
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ack(&self) -> Result<()> {
         self.client
             .queue_write(
@@ -224,6 +232,15 @@ impl Delivery {
 
     /// Keeps the message invisible for `timeout` from now (a heartbeat for long jobs); returns
     /// when it becomes visible again (Unix ms).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     let visible_again_unix_ms = d.extend(Duration::from_secs(120)).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn extend(&self, timeout: Duration) -> Result<u64> {
         let r = self
             .client
@@ -472,6 +489,14 @@ impl Client {
 
     /// A consumer of `topic`: set its batch size, visibility timeout and long-poll wait, then
     /// [`Consumer::receive`] or [`Consumer::stream`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn consumer(&self, topic: &str) -> Consumer {
         Consumer {
             client: self.clone(),
@@ -507,6 +532,13 @@ impl Client {
 
     /// A topic's counts (visible, in flight, delayed, dead-lettered, oldest age, rates) and
     /// owner.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let stats = client.topic_stats("jobs").await?;
+    /// println!("{stats:?}");
+    /// # Ok(()) }
+    /// ```
     pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats> {
         let request = api::QueueStatsRequest {
             topic: topic.to_owned(),
@@ -544,6 +576,13 @@ impl Client {
     /// A handle on a delivery known by its receipt (message id and delivery attempt, 0 for the
     /// latest delivery), e.g. one printed by another process: [`Delivery::ack`],
     /// [`Delivery::nack`] and [`Delivery::extend`] work on it. Its payload is empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // A receipt printed by another process: message id and attempt.
+    /// client.delivery("jobs", "42", 1).ack().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn delivery(&self, topic: &str, message_id: &str, attempt: u32) -> Delivery {
         Delivery {
             client: self.clone(),
@@ -558,6 +597,12 @@ impl Client {
 
     /// Makes the messages of `topic` whose visibility timeout lapsed visible again now;
     /// returns how many.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let n = client.requeue_expired("jobs").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn requeue_expired(&self, topic: &str) -> Result<u64> {
         let r = self
             .queue_write(
@@ -593,6 +638,13 @@ impl Client {
 
     /// Moves up to `max` messages (0: all) from the dead-letter topic `dead_letters` to
     /// `destination` (empty: back to the topics they came from); returns how many moved.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // Every dead letter back to the topic it came from.
+    /// let moved = client.redrive("jobs-dlq", "", 0).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn redrive(&self, dead_letters: &str, destination: &str, max: u64) -> Result<u64> {
         let r = self
             .queue_write(

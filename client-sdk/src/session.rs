@@ -133,6 +133,12 @@ impl SessionBuilder {
     /// Errors: [`Error::InvalidArgument`] for a TTL out of bounds or a name over 256 bytes,
     /// [`Error::ResourceExhausted`] at the server's session limit, and the usual
     /// unavailability errors.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let session = client.session_builder().create().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn create(self) -> Result<Session> {
         let client = self.client;
         let ticket = client.ticket();
@@ -179,6 +185,12 @@ impl Client {
     }
 
     /// A builder for a session with a client name, or without keep-alive.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let session = client.session_builder().client_name("worker-1").create().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn session_builder(&self) -> SessionBuilder {
         SessionBuilder {
             client: self.clone(),
@@ -284,6 +296,12 @@ impl Session {
     }
 
     /// The session id.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// println!("session {} with a ttl of {:?}", session.id(), session.ttl());
+    /// # Ok(()) }
+    /// ```
     pub fn id(&self) -> u64 {
         self.inner.id
     }
@@ -350,6 +368,13 @@ impl Session {
 
     /// A receiver that turns `true` when the session is lost, for `select!` loops that keep
     /// their own state.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let mut lost = session.lost_signal();
+    /// lost.wait_for(|&gone| gone).await.ok();
+    /// # Ok(()) }
+    /// ```
     pub fn lost_signal(&self) -> watch::Receiver<bool> {
         self.inner.lost.clone()
     }
@@ -417,6 +442,13 @@ impl Session {
 
     /// Stops keeping the session alive and leaves it open: it expires after its TTL unless
     /// someone renews it (e.g. `syncctl session keepalive ID`). Returns its id.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// // Hand the session (and its locks) to another process, which attaches by id.
+    /// let id = session.detach();
+    /// # Ok(()) }
+    /// ```
     pub fn detach(self) -> u64 {
         self.inner.stop_keep_alive();
         self.inner.owned.store(false, Ordering::Relaxed);
