@@ -459,13 +459,13 @@ async fn follow(client: Client, config: NearCacheConfig, shared: Arc<Shared>) {
             }
             tracing::debug!(%address, "near cache: invalidation stream ended; emptied");
         }
-        // `home` first: whoever sees the drop counted also sees no home.
-        shared.home.send_replace(None);
+        // Empty first, then say so: whoever sees no home (or a new one) sees an empty cache.
         {
             let mut state = shared.state();
             state.core.drop_all();
             state.channel = None;
         }
+        shared.home.send_replace(None);
         avoid = Some(address);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RESUBSCRIBE_MAX);
