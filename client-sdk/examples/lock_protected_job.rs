@@ -21,7 +21,7 @@ use std::time::Duration;
 use sync_client::{Client, Error, LockGuard};
 
 /// The lock that serializes the job.
-const LOCK: &str = "jobs/nightly-report";
+pub const LOCK: &str = "jobs/nightly-report";
 
 /// A resource that accepts writes only from the current holder of `LOCK`.
 struct FencedStore {
@@ -67,14 +67,22 @@ async fn run_job(guard: &LockGuard, store: &FencedStore) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let endpoints = std::env::var("SYNC_ENDPOINTS")
-        .unwrap_or_else(|_| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_owned());
-    let client = Client::builder(endpoints.split(','))
-        .client_name(format!("nightly-report (pid {})", std::process::id()))
-        .connect()
-        .await?;
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job ran under the lock: the fencing token it used and the rows it wrote.
+    Done {
+        /// The lock's fencing token during the job.
+        token: u64,
+        /// Rows the store accepted.
+        rows: usize,
+    },
+    /// Another copy held the lock for the whole wait.
+    Busy,
+}
+
+/// Takes the lock (waiting up to `wait`), runs the job with fenced writes, releases the lock.
+pub async fn run(client: &Client, wait: Duration) -> Result<Outcome, Box<dyn std::error::Error>> {
     let store = FencedStore {
         client: client.clone(),
         highest: Mutex::new(0),
@@ -82,16 +90,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let session = client.session(Duration::from_secs(10)).await?;
-    let guard = match session
-        .lock(LOCK)
-        .timeout(Duration::from_secs(30))
-        .acquire()
-        .await
-    {
+    let guard = match session.lock(LOCK).timeout(wait).acquire().await {
         Ok(guard) => guard,
         Err(Error::Timeout { .. }) => {
-            println!("another copy has been running the job for 30 s; giving up");
-            return Ok(());
+            println!("another copy has been running the job for {wait:?}; giving up");
+            return Ok(Outcome::Busy);
         }
         Err(e) => return Err(e.into()),
     };
@@ -107,8 +110,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         outcome = run_job(&guard, &store) => outcome?,
         _ = session.lost() => return Err("lost the lock's session in the middle of the job".into()),
     }
+    let token = guard.token();
     guard.release().await?;
     let rows = store.rows.lock().map_err(|_| "store poisoned")?.len();
     println!("job done: {rows} rows written; lock released");
+    Ok(Outcome::Done { token, rows })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let endpoints = std::env::var("SYNC_ENDPOINTS")
+        .unwrap_or_else(|_| "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003".to_owned());
+    let client = Client::builder(endpoints.split(','))
+        .client_name(format!("nightly-report (pid {})", std::process::id()))
+        .connect()
+        .await?;
+    run(&client, Duration::from_secs(30)).await?;
     Ok(())
 }

@@ -16,6 +16,13 @@ use crate::client::{CallSpec, Client, Target};
 use crate::error::{CallKind, Result};
 
 /// A value read from the cache.
+///
+/// ```
+/// use sync_client::CachedValue;
+///
+/// let v = CachedValue { value: "v1".into(), version: 7, hit: false };
+/// assert_eq!(&v.value[..], b"v1");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedValue {
     /// The value.
@@ -63,6 +70,14 @@ impl Client {
 
     /// Writes `key` (with an optional TTL); returns the new version once every other copy is
     /// invalidated and the value is in the cache's memory.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// let version = client.cache_set("session/abc", "user 42", Some(Duration::from_secs(60))).await?;
+    /// println!("written as version {version}");
+    /// # Ok(()) }
+    /// ```
     pub async fn cache_set(
         &self,
         key: &str,
@@ -85,6 +100,14 @@ impl Client {
     }
 
     /// Deletes `key`; true if it had a value.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// if client.cache_delete("session/abc").await? {
+    ///     println!("logged out");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn cache_delete(&self, key: &str) -> Result<bool> {
         let ticket = self.ticket();
         let request = api::CacheDeleteRequest {
@@ -101,6 +124,21 @@ impl Client {
 
     /// Writes `key` only if its version is still `expected_version` (0: only if it has no
     /// value). Returns `Ok(Some(new_version))` on success, `Ok(None)` if the version differed.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // An increment that loses no update: retry while another writer got in between.
+    /// loop {
+    ///     let current = client.cache_get("counter").await?;
+    ///     let (n, version) = current.map_or((0, 0), |v| {
+    ///         (String::from_utf8_lossy(&v.value).parse::<u64>().unwrap_or(0), v.version)
+    ///     });
+    ///     if client.cache_compare_and_set("counter", version, (n + 1).to_string()).await?.is_some() {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn cache_compare_and_set(
         &self,
         key: &str,

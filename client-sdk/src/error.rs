@@ -310,6 +310,15 @@ impl Error {
 
     /// True if the same call may succeed later: the cluster was unreachable or leaderless.
     /// (The client already retried inside the call's deadline before returning it.)
+    ///
+    /// ```
+    /// use sync_client::Error;
+    ///
+    /// let no_leader = Error::ServerUnavailable { message: "no leader".into() };
+    /// assert!(no_leader.is_retryable());
+    /// let bad = Error::InvalidArgument { message: "name too long".into() };
+    /// assert!(!bad.is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -320,6 +329,14 @@ impl Error {
     /// True if a lock was not obtained because somebody else holds it: a refused try-lock
     /// ([`NotAcquired`](Error::NotAcquired)) or a wait that timed out
     /// ([`Timeout`](Error::Timeout)).
+    ///
+    /// ```
+    /// use sync_client::Error;
+    ///
+    /// let busy = Error::NotAcquired { name: "k".into(), holders: vec![] };
+    /// assert!(busy.is_not_acquired());
+    /// assert_eq!(busy.to_string(), "lock `k` is held");
+    /// ```
     pub fn is_not_acquired(&self) -> bool {
         matches!(self, Error::NotAcquired { .. } | Error::Timeout { .. })
     }

@@ -16,6 +16,20 @@ use crate::session::Session;
 
 /// A request for a lock, from [`Session::lock`]. Exclusive by default; waits up to the client's
 /// deadline unless [`timeout`](LockRequest::timeout) says otherwise.
+///
+/// ```no_run
+/// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// let guard = session
+///     .lock("reports/daily")
+///     .shared()
+///     .timeout(Duration::from_secs(5))
+///     .lock_delay(Duration::from_secs(2))
+///     .acquire()
+///     .await?;
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 #[must_use = "a lock request does nothing until `acquire` or `try_acquire` is awaited"]
 pub struct LockRequest {
@@ -38,16 +52,35 @@ impl LockRequest {
     }
 
     /// Ask for the lock EXCLUSIVE (one holder, nobody else). The default.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let guard = session.lock("k").exclusive().acquire().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn exclusive(self) -> Self {
         self.mode(LockMode::Exclusive)
     }
 
     /// Ask for the lock SHARED (any number of shared holders, no exclusive one).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let guard = session.lock("k").shared().acquire().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn shared(self) -> Self {
         self.mode(LockMode::Shared)
     }
 
     /// Ask for the lock in `mode`.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// use sync_client::LockMode;
+    /// let guard = session.lock("k").mode(LockMode::Shared).acquire().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn mode(mut self, mode: LockMode) -> Self {
         self.mode = mode;
         self
@@ -55,6 +88,17 @@ impl LockRequest {
 
     /// Wait at most this long for the grant (server-side, in FIFO order). Default: the
     /// client's deadline ([`ClientBuilder::deadline`](crate::ClientBuilder::deadline), 15 s).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// match session.lock("k").timeout(Duration::from_millis(500)).acquire().await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     Err(e) if e.is_not_acquired() => println!("busy: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn timeout(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self
@@ -63,6 +107,13 @@ impl LockRequest {
     /// Chubby's lock-delay: if this hold ends because the session is lost (not through a
     /// release), nobody gets the lock for this long, so requests the lost holder still has in
     /// flight drain first. At most 60 s. Default: none.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// let guard = session.lock("k").lock_delay(Duration::from_secs(5)).acquire().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn lock_delay(mut self, delay: Duration) -> Self {
         self.lock_delay = delay;
         self
@@ -206,6 +257,13 @@ pub struct LockGuard {
 
 impl LockGuard {
     /// The fencing token of the current hold: unique, and strictly increasing per lock name.
+    ///
+    /// ```no_run
+    /// # async fn demo(guard: sync_client::LockGuard) -> sync_client::Result<()> {
+    /// // Send the token with every write to the protected resource.
+    /// println!("writing with fencing token {}", guard.token());
+    /// # Ok(()) }
+    /// ```
     pub fn token(&self) -> u64 {
         self.token
     }
@@ -231,6 +289,13 @@ impl LockGuard {
     ///
     /// Errors: [`Error::Deadlock`] if another holder is upgrading too (one of the two is
     /// refused; release and retry), [`Error::Timeout`], [`Error::SessionExpired`].
+    ///
+    /// ```no_run
+    /// # async fn demo(mut guard: sync_client::LockGuard) -> sync_client::Result<()> {
+    /// guard.upgrade().await?; // now EXCLUSIVE
+    /// guard.downgrade().await?; // SHARED again
+    /// # Ok(()) }
+    /// ```
     pub async fn upgrade(&mut self) -> Result<()> {
         self.convert(LockMode::Exclusive).await
     }
@@ -254,6 +319,12 @@ impl LockGuard {
     /// Errors: [`Error::NotHeld`] if the session no longer holds it (it was released through
     /// another guard of the same hold); [`Error::SessionExpired`] if the session is gone, and
     /// its locks with it.
+    ///
+    /// ```no_run
+    /// # async fn demo(guard: sync_client::LockGuard) -> sync_client::Result<()> {
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
         self.session.release(&self.name).await

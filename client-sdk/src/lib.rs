@@ -30,6 +30,10 @@
 //!   retried after a lost answer or a leader change is applied once.
 //! - **Sessions.** [`Client::session`] keeps its lease alive in the background over a
 //!   `KeepAlive` stream and tells you when it is lost ([`Session::lost`]).
+//! - **Near cache** (opt-in). [`Client::near_cache`] keeps cache values in this process,
+//!   invalidated by one node's event stream and emptied whenever that stream is down. Its hits
+//!   are boundedly stale for other processes' writes, never for writes made through it: the
+//!   exact guarantee is on [`NearCache`].
 //! - **Typed errors.** [`Error`] names what happened (a deadlock, a lock not held, a session
 //!   expired, an unreachable cluster) in a message a person can act on.
 //!
@@ -54,7 +58,12 @@
 //! - `cluster.rs`: administration ([`Client::add_member`], [`Client::remove_member`],
 //!   [`Client::promote_learner`], [`Client::transfer_leader`], [`Client::snapshot`]) and any
 //!   node's status ([`Client::node_status`]);
+//! - `near/`: the opt-in near cache ([`Client::near_cache`], [`NearCache`]): `core.rs` decides
+//!   what may be served (pure: no I/O, no clock), `mod.rs` runs the invalidation stream;
 //! - `error.rs`: [`Error`].
+//!
+//! `examples/` has complete programs (a job under a fenced lock, a worker pool, a read-through
+//! cache), each run against a real cluster by `tests/examples.rs`.
 //!
 //! The generated gRPC clients and messages remain available as [`api`] for anything the typed
 //! API does not cover yet.
@@ -69,6 +78,7 @@ pub mod error;
 mod guard;
 mod header;
 mod locks;
+mod near;
 mod queue;
 pub mod routing;
 mod session;
@@ -82,6 +92,7 @@ pub use guard::{LockGuard, LockRequest};
 pub use locks::{
     Holder, LockEvent, LockEventKind, LockMode, LockState, SessionInfo, WaitEdge, Waiter,
 };
+pub use near::{NearCache, NearCacheConfig, NearCacheStats, NearValue};
 pub use queue::{AutoExtend, Consumer, Delivery, OutgoingMessage, Published, TopicStats};
 pub use session::{Session, SessionBuilder};
 

@@ -81,6 +81,20 @@ impl FromStr for LockMode {
 }
 
 /// One holder of a lock.
+///
+/// ```
+/// use sync_client::{Holder, LockMode};
+///
+/// let h = Holder {
+///     session_id: 7,
+///     client_name: "billing-3".into(),
+///     mode: LockMode::Exclusive,
+///     token: 42,
+///     acquired_unix_ms: 0,
+///     lock_delay_ms: 0,
+/// };
+/// assert_eq!(h.mode, LockMode::Exclusive);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Holder {
@@ -112,6 +126,16 @@ impl From<api::LockHolder> for Holder {
 }
 
 /// One request waiting for a lock.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let state = client.get_lock("jobs/nightly").await?;
+/// for w in &state.waiters {
+///     println!("session {} ({}) waits for {}{}", w.session_id, w.client_name, w.mode,
+///         if w.upgrade { " (upgrade)" } else { "" });
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Waiter {
@@ -140,6 +164,16 @@ impl From<api::LockWaiter> for Waiter {
 }
 
 /// The state of one lock.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let state = client.get_lock("jobs/nightly").await?;
+/// match state.mode {
+///     None => println!("{} is free", state.name),
+///     Some(mode) => println!("{} held {mode} by {} session(s)", state.name, state.holders.len()),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LockState {
@@ -157,6 +191,19 @@ pub struct LockState {
 
 impl LockState {
     /// True if nobody holds the lock.
+    ///
+    /// ```
+    /// use sync_client::LockState;
+    ///
+    /// let free = LockState {
+    ///     name: "k".into(),
+    ///     mode: None,
+    ///     holders: vec![],
+    ///     waiters: vec![],
+    ///     lock_delay_until_unix_ms: 0,
+    /// };
+    /// assert!(free.is_free());
+    /// ```
     pub fn is_free(&self) -> bool {
         self.holders.is_empty()
     }
@@ -175,6 +222,15 @@ impl From<api::LockInfo> for LockState {
 }
 
 /// An open session, as ListSessions reports it.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// for s in client.list_sessions().await? {
+///     println!("session {} ({}): {} locks, {} ms left", s.session_id, s.client_name,
+///         s.held_locks, s.remaining_ms);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SessionInfo {
@@ -209,6 +265,12 @@ impl From<api::Session> for SessionInfo {
 }
 
 /// What a [`LockEvent`] reports.
+///
+/// ```
+/// use sync_client::LockEventKind;
+/// assert_eq!(LockEventKind::Acquired.to_string(), "acquired");
+/// assert_eq!(LockEventKind::Deadlock.to_string(), "deadlock");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
@@ -241,6 +303,12 @@ impl fmt::Display for LockEventKind {
 }
 
 /// One edge of a waits-for cycle: a session waiting for a lock held by the next edge's session.
+///
+/// ```
+/// use sync_client::WaitEdge;
+/// let edge = WaitEdge { session_id: 7, client_name: "cli-1".into(), lock_name: "res-B".into() };
+/// println!("session {} ({}) waits for {}", edge.session_id, edge.client_name, edge.lock_name);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct WaitEdge {
@@ -253,6 +321,17 @@ pub struct WaitEdge {
 }
 
 /// One change to the lock table, from [`Client::watch_locks`].
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use futures::StreamExt;
+/// let mut events = Box::pin(client.watch_locks("jobs/").await?);
+/// while let Some(e) = events.next().await {
+///     let e = e?;
+///     println!("{} {} (session {}, token {})", e.kind, e.name, e.session_id, e.token);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LockEvent {

@@ -88,6 +88,14 @@ impl<T: Into<Bytes>> From<T> for OutgoingMessage {
 }
 
 /// What publishing one message did.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let p = client.publish("jobs", "resize 42").await?;
+/// assert!(!p.deduplicated);
+/// println!("stored as {}", p.message_id);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Published {
     /// The message's id (for a de-duplicated publish, the earlier message's).
@@ -107,6 +115,21 @@ impl From<api::PublishResponse> for Published {
 
 /// One delivery of a message. Acknowledge it with [`Delivery::ack`] once handled; otherwise it
 /// is delivered again after its visibility timeout.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// for d in client.consumer("jobs").receive().await? {
+///     match std::str::from_utf8(d.payload()) {
+///         Ok(job) => {
+///             println!("attempt {} of {}: {job}", d.attempt(), d.message_id());
+///             d.ack().await?;
+///         }
+///         Err(_) => d.nack(Duration::from_secs(10)).await?,
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Delivery {
     client: Client,
@@ -160,6 +183,14 @@ impl Delivery {
     /// Acknowledges the delivery: the message is deleted. Fails with
     /// [`Error::FailedPrecondition`](crate::Error::FailedPrecondition) if the message was
     /// delivered again since (this consumer was too slow).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.ack().await?; // deleted: never delivered again
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn ack(&self) -> Result<()> {
         self.client
             .queue_write(
@@ -175,6 +206,15 @@ impl Delivery {
     }
 
     /// Gives the delivery back: the message becomes visible again after `delay`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.nack(Duration::from_secs(5)).await?; // back in the topic in 5 s
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn nack(&self, delay: Duration) -> Result<()> {
         self.client
             .queue_write(
@@ -192,6 +232,15 @@ impl Delivery {
 
     /// Keeps the message invisible for `timeout` from now (a heartbeat for long jobs); returns
     /// when it becomes visible again (Unix ms).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     let visible_again_unix_ms = d.extend(Duration::from_secs(120)).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn extend(&self, timeout: Duration) -> Result<u64> {
         let r = self
             .client
@@ -210,6 +259,18 @@ impl Delivery {
 
     /// Extends the visibility timeout to `timeout` every `timeout / 3` until the returned guard
     /// is dropped: for a handler whose run time is unknown.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// for d in client.consumer("jobs").visibility(Duration::from_secs(30)).receive().await? {
+    ///     let extending = d.auto_extend(Duration::from_secs(30));
+    ///     // ... a handler that may run for minutes ...
+    ///     drop(extending);
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn auto_extend(&self, timeout: Duration) -> AutoExtend {
         let delivery = self.clone();
         let every = (timeout / 3).max(Duration::from_millis(100));
@@ -225,6 +286,16 @@ impl Delivery {
 }
 
 /// Stops extending a delivery's visibility when dropped (see [`Delivery::auto_extend`]).
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// for d in client.consumer("jobs").receive().await? {
+///     let _extending = d.auto_extend(Duration::from_secs(30)); // stops at the end of the block
+///     d.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct AutoExtend(tokio::task::JoinHandle<()>);
 
@@ -235,6 +306,18 @@ impl Drop for AutoExtend {
 }
 
 /// How to consume a topic; made by [`Client::consumer`].
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// use std::time::Duration;
+/// let consumer = client
+///     .consumer("jobs")
+///     .batch(32)
+///     .visibility(Duration::from_secs(60))
+///     .wait(Duration::from_secs(10));
+/// let deliveries = consumer.receive().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Consumer {
     client: Client,
@@ -335,6 +418,13 @@ impl Consumer {
 }
 
 /// A topic's counts, as `Stats` reports them.
+///
+/// ```no_run
+/// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+/// let stats = client.topic_stats("jobs").await?;
+/// println!("{stats:?}");
+/// # Ok(()) }
+/// ```
 pub type TopicStats = api::QueueStatsResponse;
 
 impl Client {
@@ -372,6 +462,13 @@ impl Client {
     }
 
     /// Publishes up to 1 000 messages atomically (all or none), in order.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let ids = client.publish_batch("jobs", ["a", "b", "c"]).await?;
+    /// assert_eq!(ids.len(), 3);
+    /// # Ok(()) }
+    /// ```
     pub async fn publish_batch<M: Into<OutgoingMessage>>(
         &self,
         topic: &str,
@@ -392,6 +489,14 @@ impl Client {
 
     /// A consumer of `topic`: set its batch size, visibility timeout and long-poll wait, then
     /// [`Consumer::receive`] or [`Consumer::stream`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for d in client.consumer("jobs").receive().await? {
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn consumer(&self, topic: &str) -> Consumer {
         Consumer {
             client: self.clone(),
@@ -404,6 +509,13 @@ impl Client {
 
     /// Creates a topic with `settings` (zero fields take the defaults); true if it was created,
     /// false if it existed with the same settings.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let settings = sync_client::api::TopicSettings::default(); // zero fields: the defaults
+    /// client.create_topic("jobs", settings).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn create_topic(&self, name: &str, settings: api::TopicSettings) -> Result<bool> {
         let r = self
             .queue_write(
@@ -420,6 +532,13 @@ impl Client {
 
     /// A topic's counts (visible, in flight, delayed, dead-lettered, oldest age, rates) and
     /// owner.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let stats = client.topic_stats("jobs").await?;
+    /// println!("{stats:?}");
+    /// # Ok(()) }
+    /// ```
     pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats> {
         let request = api::QueueStatsRequest {
             topic: topic.to_owned(),
@@ -457,6 +576,13 @@ impl Client {
     /// A handle on a delivery known by its receipt (message id and delivery attempt, 0 for the
     /// latest delivery), e.g. one printed by another process: [`Delivery::ack`],
     /// [`Delivery::nack`] and [`Delivery::extend`] work on it. Its payload is empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // A receipt printed by another process: message id and attempt.
+    /// client.delivery("jobs", "42", 1).ack().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn delivery(&self, topic: &str, message_id: &str, attempt: u32) -> Delivery {
         Delivery {
             client: self.clone(),
@@ -471,6 +597,12 @@ impl Client {
 
     /// Makes the messages of `topic` whose visibility timeout lapsed visible again now;
     /// returns how many.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let n = client.requeue_expired("jobs").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn requeue_expired(&self, topic: &str) -> Result<u64> {
         let r = self
             .queue_write(
@@ -485,6 +617,12 @@ impl Client {
     }
 
     /// Deletes every message of `topic` (visible, in flight and delayed); returns how many.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let removed = client.purge("jobs").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn purge(&self, topic: &str) -> Result<u64> {
         let r = self
             .queue_write(
@@ -500,6 +638,13 @@ impl Client {
 
     /// Moves up to `max` messages (0: all) from the dead-letter topic `dead_letters` to
     /// `destination` (empty: back to the topics they came from); returns how many moved.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // Every dead letter back to the topic it came from.
+    /// let moved = client.redrive("jobs-dlq", "", 0).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn redrive(&self, dead_letters: &str, destination: &str, max: u64) -> Result<u64> {
         let r = self
             .queue_write(
@@ -516,6 +661,14 @@ impl Client {
     }
 
     /// The topics whose names start with `prefix`, every page of them.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// for t in client.list_topics("").await? {
+    ///     println!("{t:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list_topics(&self, prefix: &str) -> Result<Vec<api::Topic>> {
         let mut topics = Vec::new();
         let mut page_token = String::new();

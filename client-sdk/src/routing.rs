@@ -228,6 +228,12 @@ pub const LEADER_ADDR: &str = "x-sync-leader-addr";
 pub const LEADER_ID: &str = "x-sync-leader-id";
 
 /// A leader, as named by `Cluster.Status` answers.
+///
+/// ```
+/// use sync_client::routing::Leader;
+/// let l = Leader { id: 2, address: "10.0.0.2:7001".into(), term: 3 };
+/// assert_eq!(l.address, "10.0.0.2:7001");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Leader {
     /// Its node id.

@@ -94,6 +94,13 @@ pub struct SessionBuilder {
 impl SessionBuilder {
     /// How long the session lives without a keep-alive: 1 s to 10 min. Default: the server's
     /// default (10 s).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// use std::time::Duration;
+    /// let session = client.session_builder().ttl(Duration::from_secs(60)).create().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -109,6 +116,13 @@ impl SessionBuilder {
     /// Whether a background task keeps the session alive (default true). Without it the
     /// session expires after its TTL unless renewed with [`Session::keep_alive_once`], and
     /// [`Session::lost`] never completes.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// // A session another process will keep alive (by id, with `attach_session`).
+    /// let id = client.session_builder().keep_alive(false).create().await?.detach();
+    /// # Ok(()) }
+    /// ```
     pub fn keep_alive(mut self, on: bool) -> Self {
         self.keep_alive = on;
         self
@@ -119,6 +133,12 @@ impl SessionBuilder {
     /// Errors: [`Error::InvalidArgument`] for a TTL out of bounds or a name over 256 bytes,
     /// [`Error::ResourceExhausted`] at the server's session limit, and the usual
     /// unavailability errors.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let session = client.session_builder().create().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn create(self) -> Result<Session> {
         let client = self.client;
         let ticket = client.ticket();
@@ -165,6 +185,12 @@ impl Client {
     }
 
     /// A builder for a session with a client name, or without keep-alive.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let session = client.session_builder().client_name("worker-1").create().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn session_builder(&self) -> SessionBuilder {
         SessionBuilder {
             client: self.clone(),
@@ -179,6 +205,13 @@ impl Client {
     /// does not keep the session alive, and dropping it does not revoke it.
     ///
     /// Errors: [`Error::SessionExpired`] if the session does not exist or has expired.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let session = client.attach_session(42).await?;
+    /// println!("attached to session {} (ttl {:?})", session.id(), session.ttl());
+    /// # Ok(()) }
+    /// ```
     pub async fn attach_session(&self, session_id: u64) -> Result<Session> {
         let ttl = self.keep_alive_once(session_id).await?;
         Ok(Session::new(self.clone(), session_id, ttl, None, false))
@@ -204,6 +237,13 @@ impl Client {
     /// names of the locks it held.
     ///
     /// Errors: [`Error::SessionExpired`] if the session does not exist or has expired.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let released = client.revoke_session(42).await?;
+    /// println!("released {released:?}");
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke_session(&self, session_id: u64) -> Result<Vec<String>> {
         let ticket = self.ticket();
         let request = api::RevokeSessionRequest {
@@ -256,6 +296,12 @@ impl Session {
     }
 
     /// The session id.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// println!("session {} with a ttl of {:?}", session.id(), session.ttl());
+    /// # Ok(()) }
+    /// ```
     pub fn id(&self) -> u64 {
         self.inner.id
     }
@@ -292,6 +338,15 @@ impl Session {
     /// expired, or was revoked by someone), or its TTL passed without a confirmed renewal (the
     /// cluster was unreachable). From then on it holds no lock. Also completes after
     /// [`revoke`](Session::revoke). Never completes for a session without keep-alive.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// tokio::select! {
+    ///     _ = session.lost() => eprintln!("session {} lost: stop using its locks", session.id()),
+    ///     _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn lost(&self) {
         let mut lost = self.inner.lost.clone();
         // An error means the sender is gone, which happens only with the session itself.
@@ -299,12 +354,27 @@ impl Session {
     }
 
     /// True once the session is lost (see [`lost`](Session::lost)).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// if session.is_lost() {
+    ///     return Ok(());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_lost(&self) -> bool {
         *self.inner.lost.borrow()
     }
 
     /// A receiver that turns `true` when the session is lost, for `select!` loops that keep
     /// their own state.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let mut lost = session.lost_signal();
+    /// lost.wait_for(|&gone| gone).await.ok();
+    /// # Ok(()) }
+    /// ```
     pub fn lost_signal(&self) -> watch::Receiver<bool> {
         self.inner.lost.clone()
     }
@@ -320,6 +390,14 @@ impl Session {
     ///
     /// Errors: [`Error::NotHeld`] if the session does not hold it; [`Error::SessionExpired`]
     /// if the session is gone (and its locks with it).
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let guard = session.lock("k").acquire().await?;
+    /// guard.detach();
+    /// session.release("k").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn release(&self, name: &str) -> Result<()> {
         let client = &self.inner.client;
         let ticket = client.ticket();
@@ -348,6 +426,12 @@ impl Session {
 
     /// Ends the session now: every lock it holds is released, every wait fails. Returns the
     /// names of the locks it held. [`lost`](Session::lost) completes afterwards.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// let released = session.revoke().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn revoke(&self) -> Result<Vec<String>> {
         self.inner.stop_keep_alive();
         self.inner.owned.store(false, Ordering::Relaxed);
@@ -358,6 +442,13 @@ impl Session {
 
     /// Stops keeping the session alive and leaves it open: it expires after its TTL unless
     /// someone renews it (e.g. `syncctl session keepalive ID`). Returns its id.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: sync_client::Session) -> sync_client::Result<()> {
+    /// // Hand the session (and its locks) to another process, which attaches by id.
+    /// let id = session.detach();
+    /// # Ok(()) }
+    /// ```
     pub fn detach(self) -> u64 {
         self.inner.stop_keep_alive();
         self.inner.owned.store(false, Ordering::Relaxed);

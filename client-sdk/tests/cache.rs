@@ -4,19 +4,14 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use sync_client::Client;
 use sync_tests::{Options, scenario};
+
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_get_delete_and_compare_and_set() {
     scenario(3, Options::default(), Duration::from_secs(60), async |c| {
-        c.wait_for_leader(Duration::from_secs(10)).await?;
-        let endpoints: Vec<String> = c
-            .ids()
-            .iter()
-            .map(|&id| c.address(id).to_string())
-            .collect();
-        let client = Client::connect(endpoints).await?;
+        let client = common::client(c).await?;
         ensure!(
             client.cache_get("k1").await?.is_none(),
             "a fresh key has a value"

@@ -7,20 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use futures::StreamExt;
-use sync_client::{Client, Error, OutgoingMessage};
-use sync_tests::{Cluster, Options, scenario};
+use sync_client::{Error, OutgoingMessage};
+use sync_tests::{Options, scenario};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-async fn client(c: &Cluster) -> anyhow::Result<Client> {
-    c.wait_for_leader(Duration::from_secs(10)).await?;
-    let endpoints: Vec<String> = c
-        .ids()
-        .iter()
-        .map(|&id| c.address(id).to_string())
-        .collect();
-    Ok(Client::connect(endpoints).await?)
-}
+mod common;
+use common::client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_consume_ack_nack_and_extend() {

@@ -649,6 +649,128 @@ async fn delete_compare_and_set_many_ttl_and_subscribe_behave_as_documented() {
     .await;
 }
 
+/// Capacity: a node holds at most `--cache-capacity-bytes` of lines, evicts the least recently
+/// used, tells the directory (which stops counting it as a holder), and serves an evicted key
+/// again by a fill of the latest value; a value over `--cache-max-value-bytes` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_evicts_its_least_recently_used_lines_and_reads_them_again_correctly() {
+    const CAPACITY: u64 = 8 * 1024;
+    const VALUE_BYTES: usize = 1000;
+    const KEYS: usize = 30;
+    let options = Options {
+        extra_args: vec![
+            "--cache-capacity-bytes".into(),
+            CAPACITY.to_string(),
+            "--cache-max-value-bytes".into(),
+            "4096".into(),
+        ],
+        ..Options::default()
+    };
+    scenario(3, options, Duration::from_secs(90), async |c| {
+        c.wait_for_leader(Duration::from_secs(5)).await?;
+        first_set(c, 1, "warm-up", "x").await?;
+        let value_of = |key: &str, round: u32| {
+            let mut v = format!("{key}/{round}/");
+            v.extend(std::iter::repeat_n('.', VALUE_BYTES - v.len()));
+            v
+        };
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("e{i:02}")).collect();
+        let mut versions = BTreeMap::new();
+        for k in &keys {
+            versions.insert(k.clone(), set(c, 1, k, &value_of(k, 1)).await?);
+        }
+
+        // Node 2 reads every key once, and keeps re-reading e00 so that it stays recently used.
+        let hot = keys[0].as_str();
+        for k in &keys {
+            for key in [k.as_str(), hot] {
+                let g = get(c, 2, key).await?;
+                ensure!(
+                    g.found && g.value == value_of(key, 1) && g.version == versions[key],
+                    "node 2 read {key}: version {} of {} bytes (want version {})",
+                    g.version,
+                    g.value.len(),
+                    versions[key]
+                );
+            }
+        }
+        let stats = c
+            .client(2)
+            .cache()
+            .stats(request(api::CacheStatsRequest {}))
+            .await?
+            .into_inner();
+        ensure!(
+            stats.capacity_bytes == CAPACITY
+                && stats.bytes <= CAPACITY
+                && stats.entries < KEYS as u64
+                && stats.evictions >= (KEYS as u64 - CAPACITY / VALUE_BYTES as u64),
+            "node 2 holds more than its capacity allows or evicted too little: {stats:?}"
+        );
+        let g = get(c, 2, hot).await?;
+        ensure!(
+            g.hit && g.version == versions[hot],
+            "the most recently used key was evicted: {g:?}"
+        );
+
+        // An evicted key: the directory forgets node 2 as its holder, and node 2 reads it
+        // again by a fill, of the latest value once another node has written it.
+        let cold = keys[1].as_str();
+        eventually(
+            &format!("the directory drops node 2 as a holder of {cold}"),
+            Duration::from_secs(10),
+            async || {
+                let s = state(c, 2, cold).await?;
+                ensure!(
+                    mesi(s.state) == MesiState::Invalid && s.holders.iter().all(|h| h.node_id != 2),
+                    "{s:?}"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+        let again = get(c, 2, cold).await?;
+        ensure!(
+            !again.hit && again.value == value_of(cold, 1) && again.version == versions[cold],
+            "re-read of an evicted key: hit={} version={}",
+            again.hit,
+            again.version
+        );
+        let evicted = keys[2].as_str();
+        let v2 = set(c, 3, evicted, &value_of(evicted, 2)).await?;
+        let g = get(c, 2, evicted).await?;
+        ensure!(
+            g.value == value_of(evicted, 2) && g.version == v2,
+            "node 2 read version {} of {evicted} after version {v2} was written",
+            g.version
+        );
+
+        // Too large a value is refused, naming the limit, and changes nothing.
+        let e = c
+            .client(1)
+            .cache()
+            .set(request(api::CacheSetRequest {
+                key: hot.into(),
+                value: Bytes::from(vec![b'x'; 5000]),
+                ..Default::default()
+            }))
+            .await
+            .err()
+            .context("a 5000-byte value was accepted with a 4096-byte limit")?;
+        ensure!(
+            e.code() == tonic::Code::InvalidArgument && e.message().contains("4096"),
+            "{e:?}"
+        );
+        let g = get(c, 3, hot).await?;
+        ensure!(
+            g.version == versions[hot],
+            "the refused Set changed {hot}: {g:?}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
 /// Not a check: prints the latency of hits, misses and writes through gRPC on this machine.
 /// `cargo test -p sync-tests --test cache -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1209,3 +1209,88 @@ async fn ten_thousand_messages_are_all_acked_or_dead_lettered_while_the_leader_a
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_create_off_a_missing_topic_is_not_found_everywhere_and_only_create_topic_makes_one()
+ {
+    let options = Options {
+        extra_args: vec!["--queue-auto-create".into(), "false".into()],
+        ..Options::default()
+    };
+    scenario(3, options, Duration::from_secs(60), async |c| {
+        c.wait_for_leader(Duration::from_secs(5)).await?;
+        let nodes = QueueNodes::of(c);
+        let topic = "declared-only";
+        for id in c.ids() {
+            let u = QueueUser::new(&nodes, id);
+            let refused = u.publish(message(topic, "early"), WITHIN).await;
+            ensure!(
+                matches!(&refused, Err(s) if s.code() == Code::NotFound),
+                "publish through node {id}: {refused:?}"
+            );
+            let batch = vec![api::PublishEntry {
+                payload: Bytes::from_static(b"early"),
+                ..Default::default()
+            }];
+            let refused = u.publish_batch(topic, batch, WITHIN).await;
+            ensure!(
+                matches!(&refused, Err(s) if s.code() == Code::NotFound),
+                "publish batch through node {id}: {refused:?}"
+            );
+            // A long poll on a missing topic answers at once instead of waiting it out.
+            let long_poll = Duration::from_secs(30);
+            let started = Instant::now();
+            let refused = u.consume(topic, 1, ms(5_000), long_poll, WITHIN).await;
+            ensure!(
+                matches!(&refused, Err(s) if s.code() == Code::NotFound),
+                "consume through node {id}: {refused:?}"
+            );
+            ensure!(
+                started.elapsed() < long_poll,
+                "consume through node {id} waited out its long poll ({:?})",
+                started.elapsed()
+            );
+            let mut q = nodes.client(id);
+            let req = api::QueueSubscribeRequest {
+                topic: topic.into(),
+                max_in_flight: 1,
+                visibility_timeout_ms: 5_000,
+            };
+            let ended = match q.subscribe(timed(req, WITHIN)).await {
+                Err(s) => s,
+                Ok(stream) => match stream.into_inner().message().await {
+                    Err(s) => s,
+                    Ok(m) => bail!("subscribe through node {id} yielded {m:?}"),
+                },
+            };
+            ensure!(
+                ended.code() == Code::NotFound,
+                "subscribe through node {id}: {ended:?}"
+            );
+        }
+        let u = QueueUser::new(&nodes, 2);
+        let listed = u
+            .retry(WITHIN, CALL, |mut q, t| async move {
+                q.list_topics(timed(api::ListTopicsRequest::default(), t))
+                    .await
+            })
+            .await?;
+        ensure!(
+            listed.topics.is_empty(),
+            "a refused call created a topic: {listed:?}"
+        );
+
+        create(&u, topic, api::TopicSettings::default()).await?;
+        let published = u.publish(message(topic, "after create"), WITHIN).await?;
+        let got = u
+            .consume(topic, 1, ms(30_000), Duration::from_secs(5), WITHIN)
+            .await?;
+        ensure!(
+            got.len() == 1 && got[0].message_id == published.message_id,
+            "{got:?}"
+        );
+        u.ack(topic, got[0].receipt.clone(), WITHIN).await?;
+        Ok(())
+    })
+    .await;
+}

@@ -22,8 +22,11 @@
 //! carries the consumer tag (a Subscribe's, so its credit can be counted); anyone may send it,
 //! and it then only means "wait_time_ms 0, on the leader".
 //!
-//! **Auto-create.** The server has no auto-create setting yet, so it is always on: Publish,
-//! PublishBatch, Consume and Subscribe create a missing topic.
+//! **Auto-create.** With `--queue-auto-create true` (the default) Publish, PublishBatch, Consume
+//! and Subscribe create a missing topic with default settings; with `false` they answer
+//! NOT_FOUND and only CreateTopic makes topics. The flag travels in the proposed command, so
+//! the setting of the node that proposes (the leader) decides and every replica applies the
+//! same outcome.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -239,12 +242,16 @@ fn entry_to_internal(e: &api::PublishEntry) -> ipb::QueuePublishEntry {
 }
 
 /// A checked publish command for `topic`.
-fn publish_op(topic: &str, entries: Vec<ipb::QueuePublishEntry>) -> Result<Op, Status> {
+fn publish_op(
+    topic: &str,
+    auto_create: bool,
+    entries: Vec<ipb::QueuePublishEntry>,
+) -> Result<Op, Status> {
     check_topic(topic)?;
     crate::state::queue::precheck_batch(&entries).map_err(refused)?;
     Ok(Op::Publish(ipb::QueuePublish {
         topic: topic.to_string(),
-        auto_create: true,
+        auto_create,
         entries,
     }))
 }
@@ -273,6 +280,11 @@ impl QueueService {
         };
         tokio::spawn(service.clone().sample_rates());
         service
+    }
+
+    /// Whether a publish or delivery this node proposes creates a missing topic.
+    fn auto_create(&self) -> bool {
+        self.node.settings.queue_auto_create
     }
 
     /// A client of the node at `address`, taking messages as large as this service does.
@@ -366,7 +378,7 @@ impl QueueService {
         if self.node.is_leader() {
             let op = Op::Deliver(ipb::QueueDeliver {
                 topic: req.topic.clone(),
-                auto_create: true,
+                auto_create: self.auto_create(),
                 max_messages: req.max_messages,
                 visibility_timeout_ms: req.visibility_timeout_ms,
                 consumer_tag: consumer_tag.to_string(),
@@ -429,7 +441,7 @@ impl QueueService {
         let req = request.into_inner();
         let op = Op::Deliver(ipb::QueueDeliver {
             topic: req.topic,
-            auto_create: true,
+            auto_create: self.auto_create(),
             max_messages: req.max_messages,
             visibility_timeout_ms: req.visibility_timeout_ms,
             consumer_tag: tag,
@@ -472,6 +484,12 @@ impl QueueService {
             let ready = self.ready_here(&req.topic).await?;
             if let Some(claim) = self.claims.claim(&req.topic, ready.unwrap_or(0), max) {
                 break Some(claim);
+            }
+            // No such topic here and none will be made for this call: ask the leader at once
+            // rather than long-poll (its answer is NOT_FOUND, or the topic if this replica
+            // trails a CreateTopic).
+            if ready.is_none() && !self.auto_create() {
+                break None;
             }
             if Instant::now() >= until {
                 break None;
@@ -536,7 +554,8 @@ impl QueueService {
                         self.claims.claim(&topic, ready, credit)
                     }
                 };
-                // A missing topic is created by a delivery (auto-create).
+                // A missing topic is created by a delivery (auto-create), or the delivery
+                // answers NOT_FOUND, which ends the stream.
                 if claim.is_some() || (ready.is_none() && credit > 0) {
                     let consume = api::ConsumeRequest {
                         header: None,
@@ -768,7 +787,10 @@ impl api::queue_server::Queue for QueueService {
                     attributes: req.attributes.clone(),
                     ordering_key: req.ordering_key.clone(),
                 });
-                Ok((publish_op(&req.topic, vec![entry])?, req.header))
+                Ok((
+                    publish_op(&req.topic, self.auto_create(), vec![entry])?,
+                    req.header,
+                ))
             },
             |mut c, r| async move { c.publish(r).await },
             |r| match r {
@@ -792,7 +814,10 @@ impl api::queue_server::Queue for QueueService {
             request,
             |req| {
                 let entries = req.messages.iter().map(entry_to_internal).collect();
-                Ok((publish_op(&req.topic, entries)?, req.header))
+                Ok((
+                    publish_op(&req.topic, self.auto_create(), entries)?,
+                    req.header,
+                ))
             },
             |mut c, r| async move { c.publish_batch(r).await },
             |r| match r {

@@ -82,6 +82,12 @@ pub struct Flags {
     /// Take a snapshot and compact the log after this many applied entries.
     #[arg(long, env = "SYNCD_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
+    /// Whether Publish, Consume and Subscribe create a missing topic with default settings
+    /// (`true`, the default) or answer NOT_FOUND (`false`: topics only by CreateTopic). The
+    /// leader's setting decides, since the leader proposes every publish and delivery: give
+    /// every node the same value.
+    #[arg(long, env = "SYNCD_QUEUE_AUTO_CREATE", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub queue_auto_create: Option<bool>,
     /// Cache lease length L (default 5s): a node cut off from the cache directory stops serving
     /// hits this long after its last answered renewal, and a write waits at most about this
     /// long for a holder it cannot reach.
@@ -151,6 +157,8 @@ pub struct Settings {
     pub peer_timeout: Duration,
     /// Entries between snapshots.
     pub snapshot_threshold: u64,
+    /// Publish, Consume and Subscribe create a missing topic (`--queue-auto-create`).
+    pub queue_auto_create: bool,
     /// The cache's settings.
     pub cache: crate::cache::CacheConfig,
     /// Log format.
@@ -307,6 +315,7 @@ impl Flags {
             election_timeout,
             peer_timeout,
             snapshot_threshold,
+            queue_auto_create,
             cache_lease,
             cache_drift_margin,
             cache_capacity_bytes,
@@ -497,6 +506,7 @@ impl Flags {
             election_timeout,
             peer_timeout,
             snapshot_threshold,
+            queue_auto_create: self.queue_auto_create.unwrap_or(true),
             cache,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
@@ -632,5 +642,42 @@ mod tests {
         assert_eq!(s.election_timeout, Duration::from_millis(500));
         assert_eq!(s.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(s.election_ticks(), 10);
+        assert!(
+            s.queue_auto_create,
+            "topics are auto-created unless switched off"
+        );
+    }
+
+    #[test]
+    fn queue_auto_create_is_switched_off_by_flag_or_config_file() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d");
+        let parsed = Flags::try_parse_from([
+            "syncd",
+            "--id",
+            "1",
+            "--initial-cluster",
+            CLUSTER,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--queue-auto-create",
+            "false",
+        ])
+        .unwrap();
+        assert!(!parsed.resolve().unwrap().queue_auto_create);
+        let file = dir.path().join("syncd.toml");
+        std::fs::write(&file, "queue-auto-create = false\n").unwrap();
+        let s = Flags {
+            config: Some(file),
+            ..flags(&data, 1, CLUSTER)
+        }
+        .merge_config_file()
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert!(!s.queue_auto_create);
+        let bad = Flags::try_parse_from(["syncd", "--queue-auto-create", "maybe"]);
+        assert!(bad.is_err(), "only true or false is accepted");
     }
 }
