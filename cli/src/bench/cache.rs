@@ -142,6 +142,9 @@ pub async fn run(global: &GlobalOpts, args: &BenchCacheArgs) -> anyhow::Result<(
         },
     );
     run.only_peer("cache", Peer::Redis)?;
+    if args.mode != CacheMode::Write && args.sharers > 0 {
+        bail!("--sharers applies to --mode write only");
+    }
     let view = run.cluster(global).await?;
     let nodes = view.voters.len();
     let needed = match args.mode {
@@ -149,9 +152,6 @@ pub async fn run(global: &GlobalOpts, args: &BenchCacheArgs) -> anyhow::Result<(
         CacheMode::Miss => 2,
         CacheMode::Write => args.sharers as usize + 1,
     };
-    if args.mode != CacheMode::Write && args.sharers > 0 {
-        bail!("--sharers applies to --mode write only");
-    }
     if nodes < needed {
         bail!(
             "--mode {}{} needs {needed} nodes; the cluster has {nodes}",
