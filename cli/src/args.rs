@@ -102,14 +102,16 @@ Examples:
     )]
     Dev(DevCommand),
 
-    /// Measure the cluster's throughput and latency: replicated writes, locks.
+    /// Measure the cluster's throughput and latency: replicated writes, locks, queues, cache.
     #[command(
         subcommand,
         after_help = "\
 Examples:
   syncctl bench raw --clients 64 --duration 10s
   syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379
-  syncctl bench locks --clients 16 --duration 10s --contended --compare-etcd http://127.0.0.1:2379"
+  syncctl bench locks --clients 16 --duration 10s --contended --compare-etcd http://127.0.0.1:2379
+  syncctl bench queue --mode end-to-end --clients 16 --duration 10s --compare-redis redis://127.0.0.1:6379
+  syncctl bench cache --mode write --sharers 2 --clients 16 --duration 10s --compare-redis redis://127.0.0.1:6379"
     )]
     Bench(BenchCommand),
 
