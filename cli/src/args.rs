@@ -110,14 +110,16 @@ Examples:
     )]
     Dev(DevCommand),
 
-    /// Measure the cluster's throughput and latency: replicated writes, locks.
+    /// Measure the cluster's throughput and latency: replicated writes, locks, queues, cache.
     #[command(
         subcommand,
         after_help = "\
 Examples:
   syncctl bench raw --clients 64 --duration 10s
   syncctl bench raw --clients 1 --duration 10s --compare-etcd http://127.0.0.1:2379
-  syncctl bench locks --clients 16 --duration 10s --contended --compare-etcd http://127.0.0.1:2379"
+  syncctl bench locks --clients 16 --duration 10s --contended --compare-etcd http://127.0.0.1:2379
+  syncctl bench queue --mode end-to-end --clients 16 --duration 10s --compare-redis redis://127.0.0.1:6379
+  syncctl bench cache --mode write --sharers 2 --clients 16 --duration 10s --compare-redis redis://127.0.0.1:6379"
     )]
     Bench(BenchCommand),
 
@@ -776,6 +778,42 @@ Examples:
   syncctl bench locks --clients 1 --duration 10s --output json
   syncctl bench locks --clients 64 --duration 10s --compare-etcd http://127.0.0.1:2379")]
     Locks(BenchLocksArgs),
+
+    /// Closed-loop queue load: publish, batched publish, or publish -> consume -> ack.
+    ///
+    /// --mode publish: each client publishes one message per call (to the leader).
+    /// --mode publish-batch: each client publishes --batch messages per PublishBatch.
+    /// --mode end-to-end (default): each client publishes a batch, consumes that many messages
+    /// from its topic's owner (long poll) and acknowledges each; the latency of a message is from
+    /// the start of its publish to its arrival at a consumer. Throughput is in messages per
+    /// second. Topics are spread over the nodes so their owners share the load. After the run
+    /// the bench checks that nothing is lost (publish modes: every acknowledged publish is in
+    /// the topic; end-to-end: every topic is empty) and deletes its topics. With --compare-redis
+    /// the same workload then runs against Redis Streams (XADD, XREADGROUP, XACK).
+    #[command(after_help = "\
+Examples:
+  syncctl bench queue --clients 16 --duration 10s
+  syncctl bench queue --mode publish-batch --batch 32 --clients 64 --duration 10s
+  syncctl bench queue --clients 1 --duration 10s --compare-redis redis://127.0.0.1:6379 --output json")]
+    Queue(BenchQueueArgs),
+
+    /// Closed-loop cache load: hits, misses, or writes that invalidate 0, 1 or 2 sharers.
+    ///
+    /// --mode hit (default): keys are written and read beforehand on the node each client
+    /// talks to (clients spread over all nodes); every timed Get is answered from the node's
+    /// own line. --mode miss: before each timed Get, the key is written through another node
+    /// (untimed), which invalidates this node's line. --mode write --sharers S: before each
+    /// timed Set, S other nodes read the key (untimed), so the Set must invalidate S copies; a
+    /// plain replicated write (Kv.Put, as bench raw) runs in the same invocation for reference.
+    /// The response's hit flag is checked and the hit ratio reported. With --compare-redis the
+    /// same value size runs against Redis GET (hit, miss) or SET (write).
+    #[command(after_help = "\
+Examples:
+  syncctl bench cache --clients 16 --duration 10s
+  syncctl bench cache --mode miss --clients 16 --duration 10s
+  syncctl bench cache --mode write --sharers 2 --clients 16 --duration 10s
+  syncctl bench cache --clients 64 --duration 10s --compare-redis redis://127.0.0.1:6379")]
+    Cache(BenchCacheArgs),
 }
 
 /// The flags every closed-loop benchmark shares.
@@ -800,6 +838,11 @@ pub struct BenchLoadArgs {
     /// Also run the workload against this etcd cluster (comma-separated URLs) and compare.
     #[arg(long, value_name = "ENDPOINTS", value_delimiter = ',', value_parser = parse_endpoint)]
     pub compare_etcd: Option<Vec<Endpoint>>,
+
+    /// Also run the workload against this Redis server (redis://HOST:PORT) and compare
+    /// (bench queue: Redis Streams; bench cache: GET/SET).
+    #[arg(long, value_name = "URL", value_parser = parse_redis_url, conflicts_with = "compare_etcd")]
+    pub compare_redis: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -820,6 +863,73 @@ pub struct BenchLocksArgs {
     /// All clients take turns on one lock (hand-offs) instead of each using its own.
     #[arg(long)]
     pub contended: bool,
+}
+
+/// What one `bench queue` operation is.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueMode {
+    /// One message per Publish.
+    Publish,
+    /// --batch messages per PublishBatch.
+    PublishBatch,
+    /// Publish a batch, consume it, acknowledge it.
+    EndToEnd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchQueueArgs {
+    #[command(flatten)]
+    pub load: BenchLoadArgs,
+
+    /// What an operation is.
+    #[arg(long, value_enum, default_value = "end-to-end")]
+    pub mode: QueueMode,
+
+    /// Messages per batch (publish-batch, end-to-end; a consume takes at most 100).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub batch: u32,
+
+    /// Bytes per message payload.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub payload_bytes: u32,
+
+    /// Topics (streams) the clients share, client i using topic i mod K; 0 means one per
+    /// client.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub topics: u32,
+}
+
+/// What one `bench cache` operation is.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// A Get answered from the node's own valid line.
+    Hit,
+    /// A Get of a key another node has just written.
+    Miss,
+    /// A Set of a key --sharers other nodes hold.
+    Write,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchCacheArgs {
+    #[command(flatten)]
+    pub load: BenchLoadArgs,
+
+    /// What an operation is.
+    #[arg(long, value_enum, default_value = "hit")]
+    pub mode: CacheMode,
+
+    /// With --mode write: how many other nodes hold the key before each write.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub sharers: u32,
+
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub value_size: u32,
+
+    /// Keys each client cycles through.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub keys_per_client: u32,
 }
 
 impl Cli {
@@ -883,6 +993,19 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     Ok(Endpoint {
         authority: authority.to_owned(),
     })
+}
+
+/// Checks `redis://HOST:PORT` (a trailing `/` or `/DB` is allowed) and keeps it as written.
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    let trimmed = text.trim();
+    let bad = || format!("`{trimmed}` is not redis://HOST:PORT (e.g. redis://127.0.0.1:6379)");
+    let rest = trimmed.strip_prefix("redis://").ok_or_else(bad)?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains('@') || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    Ok(trimmed.to_owned())
 }
 
 /// Parses a duration such as `500ms` or `10s` that must be longer than zero.
@@ -1212,6 +1335,41 @@ mod tests {
     }
 
     #[test]
+    fn bench_queue_and_cache_flags() {
+        let cli = parse(&[
+            "bench",
+            "queue",
+            "--mode",
+            "publish-batch",
+            "--batch",
+            "8",
+            "--compare-redis",
+            "redis://127.0.0.1:6390",
+        ])
+        .unwrap();
+        let Command::Bench(BenchCommand::Queue(q)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            (q.mode, q.batch, q.payload_bytes, q.topics),
+            (QueueMode::PublishBatch, 8, 256, 0)
+        );
+        assert_eq!(
+            q.load.compare_redis.as_deref(),
+            Some("redis://127.0.0.1:6390")
+        );
+        let cli = parse(&["bench", "cache", "--mode", "write", "--sharers", "2"]).unwrap();
+        let Command::Bench(BenchCommand::Cache(c)) = &cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            (c.mode, c.sharers, c.value_size),
+            (CacheMode::Write, 2, 256)
+        );
+        assert!(c.load.compare_redis.is_none());
+    }
+
+    #[test]
     fn bench_rejects_nonsense() {
         for args in [
             &["bench", "raw", "--clients", "0"][..],
@@ -1221,6 +1379,20 @@ mod tests {
             &["bench", "locks", "--clients", "0"],
             &["bench", "locks", "--value-size", "10"],
             &["bench", "locks", "--compare-etcd", "not an endpoint"],
+            &["bench", "queue", "--compare-redis", "127.0.0.1:6379"],
+            &["bench", "queue", "--mode", "sideways"],
+            &["bench", "queue", "--batch", "0"],
+            &["bench", "queue", "--batch", "101"],
+            &["bench", "cache", "--mode", "write", "--sharers", "17"],
+            &["bench", "cache", "--compare-redis", "redis://:6379"],
+            &[
+                "bench",
+                "cache",
+                "--compare-redis",
+                "redis://127.0.0.1:6379",
+                "--compare-etcd",
+                "127.0.0.1:2379",
+            ],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

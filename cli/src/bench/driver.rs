@@ -2,7 +2,9 @@
 //! (syncd, etcd).
 //!
 //! N clients, each a tokio task with one operation in flight: it runs an operation, waits for
-//! its end, and only then starts the next one, until the phase's deadline. What an operation is
+//! its end, and only then starts the next one, until the phase's deadline. An operation
+//! completes one item (a put, a lock cycle) or several (the messages of a batch), each with its
+//! latency: throughput and percentiles are per item (`Done`). What an operation is
 //! belongs to the workload (`raw.rs`: one put of a new key; `locks.rs`: an acquire and a
 //! release), and so does what is timed: an operation reports the latency of its timed part
 //! (for a put, from handing the request to the target until the answer is back in the task;
@@ -39,8 +41,53 @@ const PROGRESS_TICK: Duration = Duration::from_millis(100);
 
 /// One benchmark client: its connection to the target and its own identity there.
 pub trait Worker: Send + 'static {
-    /// Runs one operation; on success, returns the latency of its timed part.
-    fn op(&mut self) -> impl Future<Output = Call<Duration>> + Send;
+    /// Runs one operation; on success, returns what it completed and the latency of each item's
+    /// timed part.
+    fn op(&mut self) -> impl Future<Output = Call<Done>> + Send;
+}
+
+/// What one successful operation completed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// One item (a put, an acquire + release), with its latency.
+    One(Duration),
+    /// `count` items done by one call (a batch publish), each with that call's latency.
+    Batch { latency: Duration, count: u64 },
+    /// Items with a latency each (the messages of a publish -> consume round, each from its
+    /// publish to its delivery).
+    Each(Vec<Duration>),
+}
+
+impl Done {
+    /// How many items it completed.
+    pub fn count(&self) -> u64 {
+        match self {
+            Done::One(_) => 1,
+            Done::Batch { count, .. } => *count,
+            Done::Each(latencies) => latencies.len() as u64,
+        }
+    }
+
+    /// Records every item's latency, in microseconds (at least 1).
+    fn record(&self, histogram: &mut Histogram<u64>) {
+        let us = |latency: &Duration| {
+            u64::try_from(latency.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1)
+        };
+        match self {
+            Done::One(latency) => histogram.saturating_record(us(latency)),
+            Done::Batch { latency, count } => {
+                // saturating: a value past the histogram's range is clamped, never an error.
+                let _ = histogram.record_n(us(latency).min(MAX_LATENCY_US), *count);
+            }
+            Done::Each(latencies) => {
+                for latency in latencies {
+                    histogram.saturating_record(us(latency));
+                }
+            }
+        }
+    }
 }
 
 /// The outcome of one logical call (or operation) to a target.
@@ -71,7 +118,7 @@ impl<T> Call<T> {
 pub struct PhaseResult {
     /// Latency of each successful operation, in microseconds.
     pub histogram: Histogram<u64>,
-    /// Successful operations.
+    /// Items completed by successful operations.
     pub ops: u64,
     /// Operations that failed.
     pub errors: u64,
@@ -125,11 +172,10 @@ pub async fn run<W: Worker>(
                 let outcome = worker.op().await;
                 retries += u64::from(outcome.retries);
                 match outcome.result {
-                    Ok(latency) => {
-                        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-                        histogram.saturating_record(us.max(1));
-                        ops += 1;
-                        done.fetch_add(1, Ordering::Relaxed);
+                    Ok(items) => {
+                        items.record(&mut histogram);
+                        ops += items.count();
+                        done.fetch_add(items.count(), Ordering::Relaxed);
                     }
                     Err(reason) => {
                         errors += 1;
@@ -220,7 +266,7 @@ mod tests {
     }
 
     impl Worker for Fake {
-        async fn op(&mut self) -> Call<Duration> {
+        async fn op(&mut self) -> Call<Done> {
             self.count += 1;
             let sent = Instant::now();
             sleep(Duration::from_millis(2)).await;
@@ -228,7 +274,7 @@ mod tests {
                 result: if self.count.is_multiple_of(10) {
                     Err("injected".into())
                 } else {
-                    Ok(sent.elapsed())
+                    Ok(Done::One(sent.elapsed()))
                 },
                 retries: 1,
             }
@@ -256,5 +302,31 @@ mod tests {
         assert_eq!(order, [0, 1, 2, 3]);
         assert!(result.elapsed >= duration);
         assert!(result.elapsed < duration + Duration::from_millis(200));
+    }
+
+    #[test]
+    fn items_of_a_batch_or_a_round_each_count_with_their_latency() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap();
+        let ms = Duration::from_millis;
+        let batch = Done::Batch {
+            latency: ms(4),
+            count: 32,
+        };
+        let round = Done::Each(vec![ms(1), ms(2), ms(3)]);
+        assert_eq!(
+            (Done::One(ms(1)).count(), batch.count(), round.count()),
+            (1, 32, 3)
+        );
+        batch.record(&mut h);
+        round.record(&mut h);
+        Done::One(Duration::ZERO).record(&mut h);
+        Done::One(Duration::from_secs(3_600)).record(&mut h);
+        assert_eq!(h.len(), 37);
+        assert_eq!(h.min(), 1, "a zero latency counts as 1 us");
+        assert!(h.equivalent(h.value_at_quantile(0.5), 4_000));
+        assert!(
+            h.equivalent(h.max(), MAX_LATENCY_US),
+            "clamped, not dropped"
+        );
     }
 }

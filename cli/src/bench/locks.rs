@@ -25,7 +25,7 @@ use futures::future::join_all;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::driver::{Call, Worker};
+use super::driver::{Call, Done, Worker};
 use super::summary::Summary;
 use super::{Run, ensure_progress, print_results, timing};
 use crate::args::{BenchLocksArgs, GlobalOpts};
@@ -116,7 +116,7 @@ pub async fn run(global: &GlobalOpts, args: &BenchLocksArgs) -> anyhow::Result<(
             "acquire+release"
         },
     );
-    let targets = run.connect(global).await?;
+    let targets = run.connect(global, "locks").await?;
     let plan = Plan {
         run: &run,
         contended: args.contended,
@@ -227,7 +227,7 @@ struct LockWorker<L> {
 }
 
 impl<L: Locker> Worker for LockWorker<L> {
-    async fn op(&mut self) -> Call<Duration> {
+    async fn op(&mut self) -> Call<Done> {
         let start = Instant::now();
         let acquired = self.locker.acquire().await;
         let wait = start.elapsed();
@@ -249,7 +249,7 @@ impl<L: Locker> Worker for LockWorker<L> {
         Call {
             result: released
                 .result
-                .map(|()| latency)
+                .map(|()| Done::One(latency))
                 .map_err(|reason| format!("release: {reason}")),
             retries: acquired.retries + released.retries,
         }
@@ -365,6 +365,7 @@ mod tests {
             warmup: Duration::ZERO,
             connections: 1,
             compare_etcd: None,
+            compare_redis: None,
         };
         let run = Run {
             load: &load,

@@ -1,26 +1,37 @@
 //! `syncctl bench`: load tests.
 //!
 //! - `driver.rs`: the closed-loop clients, the timing, the merge of per-client histograms;
-//! - `summary.rs`: throughput and percentiles from a phase, and the syncd ÷ etcd ratios;
+//! - `summary.rs`: throughput and percentiles from a phase, and the syncd ÷ peer ratios;
 //! - `raw.rs`: `bench raw`, a replicated write (a put of a new key) per operation, and the
 //!   read-back check after it;
 //! - `locks.rs`: `bench locks`, an exclusive Acquire and a Release per operation, on a lock of
 //!   each client's own or, contended, on one lock for all;
 //! - `syncd.rs`: the syncd target (Kv.Put, Lock.Acquire/Release, each with a RequestHeader, on
 //!   the leader, following `x-sync-leader-addr`);
+//! - `queue.rs`: `bench queue`, single or batched publishes, or publish -> consume -> ack
+//!   rounds, on syncd (publishes and acks to the leader, consumes to each topic's owner) and on
+//!   Redis Streams;
+//! - `cache.rs`: `bench cache`, hits, misses and writes with 0, 1 or 2 sharers on syncd's
+//!   coherent cache (each client on one node), against Redis GET/SET, and the plain replicated
+//!   write beside the cache write;
 //! - `etcd.rs`: the etcd target (etcd's KV.Put, and its lock API with leases, on etcd's
-//!   leader), from vendored protos.
+//!   leader), from vendored protos;
+//! - `redis.rs`: the Redis target (GET/SET, and the streams commands), through fred.
 //!
-//! A bench runs syncd first, then (with `--compare-etcd`) etcd, one after the other so the two
-//! systems never compete for the machine. Each target gets its clients (connections, sessions)
+//! A bench compares syncd with one peer at most: etcd (`--compare-etcd`: raw, locks) or Redis
+//! (`--compare-redis`: queue, cache). It runs syncd first, then the peer, one after the other so
+//! the two systems never compete for the machine. Each target gets its clients (connections, sessions)
 //! set up before the clock starts, then an untimed warm-up, then the measured phase, both with
 //! the same clients, then a check of its own (raw: the written keys are read back; locks: no
 //! two clients held the lock at once).
 
+mod cache;
 mod driver;
 mod etcd;
 mod locks;
+mod queue;
 mod raw;
+mod redis;
 mod summary;
 mod syncd;
 
@@ -32,14 +43,17 @@ use serde::Serialize;
 
 use self::driver::{PhaseResult, Worker};
 use self::summary::{Comparison, Summary};
+use crate::args::parse_endpoint;
 use crate::args::{BenchCommand, BenchLoadArgs, GlobalOpts, Output};
-use crate::cluster::find_leader;
+use crate::cluster::{Leader, find_leader, status_of};
 use crate::output::{duration, micros, print_json, table, three_digits};
 
 pub async fn run(global: &GlobalOpts, command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Raw(args) => raw::run(global, args).await,
         BenchCommand::Locks(args) => locks::run(global, args).await,
+        BenchCommand::Queue(args) => queue::run(global, args).await,
+        BenchCommand::Cache(args) => cache::run(global, args).await,
     }
 }
 
@@ -55,6 +69,13 @@ struct Targets {
     syncd: syncd::SyncdTarget,
     /// With `--compare-etcd`.
     etcd: Option<etcd::EtcdTarget>,
+}
+
+/// The syncd cluster as the queue and cache benches see it.
+struct ClusterView {
+    leader: Leader,
+    /// Every voter's id and `host:port`, in id order (the leader among them).
+    voters: Vec<(u64, String)>,
 }
 
 /// How a run reports itself as it goes.
@@ -79,9 +100,28 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Fails, before any load, a run that names a peer this bench has no workload for.
+    fn only_peer(&self, bench: &str, supported: Peer) -> anyhow::Result<()> {
+        let asked = match (&self.load.compare_etcd, &self.load.compare_redis) {
+            (Some(_), _) => Peer::Etcd,
+            (_, Some(_)) => Peer::Redis,
+            _ => return Ok(()),
+        };
+        if asked != supported {
+            anyhow::bail!(
+                "bench {bench} has no {} counterpart; it compares with {} ({})",
+                asked.name(),
+                supported.name(),
+                supported.flag()
+            );
+        }
+        Ok(())
+    }
+
     /// Finds syncd's leader and, if asked, etcd's, and connects to them: everything that can
     /// fail fast does, before any load.
-    async fn connect(&self, global: &GlobalOpts) -> anyhow::Result<Targets> {
+    async fn connect(&self, global: &GlobalOpts, bench: &str) -> anyhow::Result<Targets> {
+        self.only_peer(bench, Peer::Etcd)?;
         let connections = self.load.connections as usize;
         let leader = find_leader(&global.endpoints, global.timeout, global.timeout).await?;
         let syncd =
@@ -110,6 +150,55 @@ impl<'a> Run<'a> {
             );
         }
         Ok(Targets { syncd, etcd })
+    }
+
+    /// Finds syncd's leader and every voter (by asking the leader), for the benches that
+    /// talk to every node (queue: topic owners; cache: each client's node). Prints nothing:
+    /// see `announce`.
+    async fn cluster(&self, global: &GlobalOpts) -> anyhow::Result<ClusterView> {
+        let leader = find_leader(&global.endpoints, global.timeout, global.timeout).await?;
+        let endpoint = parse_endpoint(&leader.address)
+            .map_err(|e| anyhow::anyhow!("the cluster reported a bad leader address: {e}"))?;
+        let status = status_of(&endpoint, global.timeout)
+            .await
+            .map_err(|reason| {
+                anyhow::anyhow!("the leader at {endpoint} did not answer: {reason}")
+            })?;
+        let mut voters: Vec<(u64, String)> = status
+            .members
+            .iter()
+            .filter(|m| !m.learner)
+            .map(|m| (m.id, m.address.clone()))
+            .collect();
+        voters.sort();
+        if voters.is_empty() {
+            voters.push((leader.id, leader.address.clone()));
+        }
+        Ok(ClusterView { leader, voters })
+    }
+
+    /// The Redis target of `--compare-redis`, connected, if asked.
+    async fn redis(&self, global: &GlobalOpts) -> anyhow::Result<Option<redis::RedisTarget>> {
+        match &self.load.compare_redis {
+            Some(url) => Ok(Some(
+                redis::RedisTarget::connect(url, global.timeout).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Says, for people, which cluster the run measures (once the flags are known to fit it,
+    /// so that a refusal stays one line).
+    fn announce(&self, view: &ClusterView) {
+        if self.people {
+            eprintln!(
+                "syncd leader: node {} at {} (term {}); {} voter(s)",
+                view.leader.id,
+                view.leader.address,
+                view.leader.term,
+                view.voters.len()
+            );
+        }
     }
 
     fn bar(&self, label: String, duration: Duration) -> ProgressBar {
@@ -146,12 +235,36 @@ impl<'a> Run<'a> {
     }
 }
 
+/// The systems syncd is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Etcd,
+    Redis,
+}
+
+impl Peer {
+    /// The target name its result row carries.
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Etcd => "etcd",
+            Peer::Redis => "redis",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Peer::Etcd => "--compare-etcd ENDPOINTS",
+            Peer::Redis => "--compare-redis URL",
+        }
+    }
+}
+
 /// `bench … --output json`: what was run, each target's result, and the ratios.
 #[derive(Serialize)]
 struct Report<'a, W, M> {
     workload: W,
     results: &'a [M],
-    /// Present with --compare-etcd.
+    /// Present with --compare-etcd or --compare-redis: the first row (syncd) over the peer's.
     comparison: Option<Comparison>,
 }
 
@@ -182,12 +295,15 @@ where
     }
 }
 
-/// syncd's summary over etcd's, when both ran.
+/// The first row (syncd's) over the peer's row, when a peer ran.
 fn comparison(summaries: &[&Summary]) -> Option<Comparison> {
-    match summaries {
-        [syncd, etcd] => Some(summary::compare(syncd, etcd)),
-        _ => None,
-    }
+    let syncd = summaries.first()?;
+    let peer = summaries.iter().find(|s| {
+        [Peer::Etcd, Peer::Redis]
+            .iter()
+            .any(|p| s.target == p.name())
+    })?;
+    Some(summary::compare(syncd, peer))
 }
 
 /// The result table, the ratios, and a warning per target whose operations failed.
@@ -218,8 +334,10 @@ fn print_table(summaries: &[&Summary]) {
         let ratio =
             |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{}x", three_digits(r)));
         println!(
-            "syncd/etcd: throughput {} (higher is better for syncd), latency p50 {}, p99 {} \
+            "{}/{}: throughput {} (higher is better for syncd), latency p50 {}, p99 {} \
              (lower is better)",
+            c.target,
+            c.peer,
             ratio(c.ops_per_sec_ratio),
             ratio(c.p50_ratio),
             ratio(c.p99_ratio)

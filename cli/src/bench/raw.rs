@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Bytes;
@@ -20,8 +19,9 @@ use futures::future::join_all;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::driver::{Call, Worker};
+use super::driver::{Call, Done, Worker};
 use super::summary::Summary;
+use super::syncd::SyncdTarget;
 use super::{Run, ensure_progress, print_results, timing};
 use crate::args::{BenchRawArgs, GlobalOpts};
 
@@ -88,7 +88,7 @@ struct WorkloadJson {
 pub async fn run(global: &GlobalOpts, args: &BenchRawArgs) -> anyhow::Result<()> {
     let load = &args.load;
     let run = Run::new(global, load, "puts");
-    let targets = run.connect(global).await?;
+    let targets = run.connect(global, "raw").await?;
 
     let value = Bytes::from(
         (0..args.value_size)
@@ -158,6 +158,35 @@ pub async fn run(global: &GlobalOpts, args: &BenchRawArgs) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `bench raw`'s workload on syncd as the reference row of another bench (`bench cache
+/// --mode write`: the plain replicated write beside the cache write), named `name`, with the
+/// same read-back check.
+pub(super) async fn reference_put(
+    run: &Run<'_>,
+    target: &SyncdTarget,
+    name: &str,
+    value_size: u32,
+) -> anyhow::Result<Summary> {
+    let plan = Plan {
+        run,
+        value: Bytes::from(
+            (0..value_size)
+                .map(|_| rand::random::<u8>())
+                .collect::<Vec<_>>(),
+        ),
+        prefix: format!("syncctl-bench/{:08x}", rand::random::<u32>()).into(),
+    };
+    let measured = plan.measure(name, target).await?;
+    let check = &measured.read_back;
+    if check.lost > 0 || check.unreadable > 0 {
+        bail!(
+            "{name}: the read-back after the run failed: {}",
+            check.first_problem.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(measured.summary)
+}
+
 /// What every target's run shares: the value and the keys' prefix.
 struct Plan<'a> {
     run: &'a Run<'a>,
@@ -203,7 +232,7 @@ struct PutWorker<P> {
 }
 
 impl<P: Putter> Worker for PutWorker<P> {
-    async fn op(&mut self) -> Call<Duration> {
+    async fn op(&mut self) -> Call<Done> {
         self.sequence += 1;
         let key = key(&self.prefix, self.index, self.sequence);
         let sent = Instant::now();
@@ -211,7 +240,7 @@ impl<P: Putter> Worker for PutWorker<P> {
         let latency = sent.elapsed();
         call.and_then(|()| {
             self.last_key = Some(key);
-            Ok(latency)
+            Ok(Done::One(latency))
         })
     }
 }
@@ -257,6 +286,7 @@ async fn read_back<T: KvTarget>(target: &T, keys: &[Bytes], value: &Bytes) -> Re
 mod tests {
     use std::collections::HashSet;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     use indicatif::ProgressBar;
 

@@ -1,4 +1,5 @@
-//! From a phase's raw numbers to the figures a benchmark reports, and the syncd ÷ etcd ratios.
+//! From a phase's raw numbers to the figures a benchmark reports, and the syncd ÷ peer ratios
+//! (the peer being etcd or Redis).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -34,7 +35,7 @@ impl Latency {
 /// One target's result row.
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct Summary {
-    /// "syncd" or "etcd".
+    /// "syncd", "etcd", "redis", or a syncd reference workload ("syncd-kv-put").
     pub target: String,
     /// The member the clients talked to (the leader).
     pub endpoint: String,
@@ -76,9 +77,14 @@ impl Summary {
     }
 }
 
-/// syncd relative to etcd. A ratio is absent when etcd's figure is zero.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+/// One target relative to another (syncd to its peer). A ratio is absent when the peer's
+/// figure is zero.
+#[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct Comparison {
+    /// The measured target ("syncd").
+    pub target: String,
+    /// The one it is divided by ("etcd", "redis").
+    pub peer: String,
     /// syncd ops/s ÷ etcd ops/s: above 1 means syncd sustained more operations per second.
     pub ops_per_sec_ratio: Option<f64>,
     /// syncd p50 ÷ etcd p50: below 1 means syncd's median operation was faster.
@@ -90,6 +96,8 @@ pub struct Comparison {
 pub fn compare(syncd: &Summary, etcd: &Summary) -> Comparison {
     let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
     Comparison {
+        target: syncd.target.clone(),
+        peer: etcd.target.clone(),
         ops_per_sec_ratio: (etcd.ops_per_sec > 0.0).then(|| syncd.ops_per_sec / etcd.ops_per_sec),
         p50_ratio: ratio(syncd.latency_us.p50, etcd.latency_us.p50),
         p99_ratio: ratio(syncd.latency_us.p99, etcd.latency_us.p99),
@@ -181,6 +189,8 @@ mod tests {
         assert_eq!(
             compare(&fast, &idle),
             Comparison {
+                target: "syncd".into(),
+                peer: "etcd".into(),
                 ops_per_sec_ratio: None,
                 p50_ratio: None,
                 p99_ratio: None,

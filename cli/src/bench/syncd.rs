@@ -13,31 +13,45 @@
 //! keep-alive competes with the measured calls. An Acquire waits server-side, up to the
 //! request timeout (`--timeout`), for a lock another client holds.
 //!
+//! The queue and cache targets (`SyncdQueue`, `SyncdCache`) are at the end: they also talk to
+//! nodes other than the leader (topic owners; every node's cache).
+//!
 //! All clients share a small pool of HTTP/2 connections to the leader (`--connections`,
 //! default one: gRPC multiplexes concurrent calls on one connection). When a node answers with
 //! an `x-sync-leader-addr` trailer naming another node, the pool is replaced by connections to
 //! that node, once, for every client.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::future::join_all;
+use sync_proto::sync::v1::cache_client::CacheClient;
 use sync_proto::sync::v1::kv_client::KvClient;
 use sync_proto::sync::v1::lock_client::LockClient;
+use sync_proto::sync::v1::queue_client::QueueClient;
 use sync_proto::sync::v1::{
-    AcquireRequest, Consistency, CreateSessionRequest, KvGetRequest, KvPutRequest, LockMode,
-    ReleaseRequest, RequestHeader, RevokeSessionRequest,
+    AckRequest, AcquireRequest, CacheDeleteRequest, CacheGetRequest, CacheSetRequest, Consistency,
+    ConsumeRequest, CreateSessionRequest, CreateTopicRequest, DeleteTopicRequest, KvGetRequest,
+    KvPutRequest, LockMode, PublishBatchRequest, PublishEntry, PublishRequest, QueueStatsRequest,
+    QueueStatsResponse, Receipt, ReleaseRequest, RequestHeader, RevokeSessionRequest,
+    TopicSettings,
 };
 use tokio::time::sleep;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use super::cache::{CacheClient as CacheClientTrait, CacheTarget, delete_each};
 use super::driver::Call;
 use super::locks::{LockTarget, Locker};
+use super::queue::{
+    QueueClient as QueueClientTrait, QueueTarget, Received, VISIBILITY, delete_all, topic_name,
+};
 use super::raw::{KvTarget, Putter};
-use super::request;
+use super::{ClusterView, request};
 use crate::args::parse_endpoint;
 use crate::cluster::{connect, leader_hint};
 use crate::errors::describe_status;
@@ -88,8 +102,7 @@ impl SyncdTarget {
         SyncdClient {
             route: Arc::clone(&self.route),
             slot: index,
-            client_id: new_client_id(),
-            sequence: 0,
+            identity: Identity::new(),
             rpc_timeout: self.rpc_timeout,
         }
     }
@@ -162,13 +175,47 @@ impl LockTarget for SyncdTarget {
     }
 }
 
-/// 64 random bits, never 0 (0 means "not de-duplicated").
-fn new_client_id() -> u64 {
-    loop {
-        let id: u64 = rand::random();
-        if id != 0 {
-            return id;
+/// A benchmark client's RequestHeader identity: a random id and the sequence of its last
+/// mutating call.
+struct Identity {
+    client_id: u64,
+    sequence: u64,
+}
+
+impl Identity {
+    /// 64 random bits, never 0 (0 means "not de-duplicated").
+    fn new() -> Self {
+        loop {
+            let client_id: u64 = rand::random();
+            if client_id != 0 {
+                return Identity {
+                    client_id,
+                    sequence: 0,
+                };
+            }
         }
+    }
+
+    /// The header of a new mutating call (the previous one has been answered).
+    fn next_header(&mut self) -> RequestHeader {
+        self.next_headers(1).remove(0)
+    }
+
+    /// The headers of `n` mutating calls sent together (the previous ones all answered): each
+    /// says the lowest unanswered sequence is the first of the group, so the server keeps every
+    /// answer of the group until a later call says otherwise.
+    fn next_headers(&mut self, n: usize) -> Vec<RequestHeader> {
+        let lowest = self.sequence + 1;
+        (0..n)
+            .map(|_| {
+                self.sequence += 1;
+                RequestHeader {
+                    client_id: self.client_id,
+                    sequence: self.sequence,
+                    lowest_unacked: lowest,
+                }
+            })
+            .collect()
     }
 }
 
@@ -223,21 +270,13 @@ pub struct SyncdClient {
     route: Arc<Route>,
     /// Which connection of the pool this client uses.
     slot: usize,
-    client_id: u64,
-    /// The sequence number of the last mutating call sent.
-    sequence: u64,
+    identity: Identity,
     rpc_timeout: Duration,
 }
 
 impl SyncdClient {
-    /// The header of a new mutating call (the previous one has been answered).
     fn next_header(&mut self) -> RequestHeader {
-        self.sequence += 1;
-        RequestHeader {
-            client_id: self.client_id,
-            sequence: self.sequence,
-            lowest_unacked: self.sequence,
-        }
+        self.identity.next_header()
     }
 
     /// Sends `message` to the leader with `send`, following redirects and retrying while no
@@ -366,5 +405,461 @@ impl Locker for SyncdLocker {
             .await
             .result
             .map(drop)
+    }
+}
+
+/// One connection to each voter, by address, opened before the clock starts.
+async fn connect_all(
+    voters: &[(u64, String)],
+    rpc_timeout: Duration,
+) -> anyhow::Result<HashMap<String, Channel>> {
+    let mut channels = HashMap::new();
+    for (id, address) in voters {
+        let endpoint = parse_endpoint(address)
+            .map_err(|e| anyhow::anyhow!("node {id} has a bad address: {e}"))?;
+        let channel = connect(&endpoint, rpc_timeout).await.map_err(|reason| {
+            anyhow::anyhow!("cannot connect to node {id} at {address}: {reason}")
+        })?;
+        channels.insert(address.clone(), channel);
+    }
+    Ok(channels)
+}
+
+/// The syncd queue: publishes and acks to the leader (through the leader pool, following
+/// redirects), consumes straight to each topic's owner (the node that serves its consumers;
+/// a Consume sent elsewhere would be forwarded there, one hop more).
+pub struct SyncdQueue {
+    leader: SyncdTarget,
+    /// A connection to every voter, by address.
+    nodes: HashMap<String, Channel>,
+    /// Each topic's owner, by address, as Stats reported it when the topic was created.
+    owners: Mutex<HashMap<String, String>>,
+    rpc_timeout: Duration,
+}
+
+impl SyncdQueue {
+    pub async fn connect(
+        view: &ClusterView,
+        connections: usize,
+        rpc_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        Ok(SyncdQueue {
+            leader: SyncdTarget::connect(&view.leader.address, connections, rpc_timeout).await?,
+            nodes: connect_all(&view.voters, rpc_timeout).await?,
+            owners: Mutex::new(HashMap::new()),
+            rpc_timeout,
+        })
+    }
+
+    async fn stats_status(&self, topic: &str) -> Result<QueueStatsResponse, Status> {
+        let request = request(
+            QueueStatsRequest {
+                topic: topic.to_owned(),
+            },
+            self.rpc_timeout,
+        );
+        let pool = self.leader.route.get();
+        QueueClient::new(pool.channels[0].clone())
+            .stats(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn stats(&self, topic: &str) -> Result<QueueStatsResponse, String> {
+        self.stats_status(topic)
+            .await
+            .map_err(|status| describe_status(&status))
+    }
+
+    /// The owner of a topic just created. Stats is answered by the owner, which may not have
+    /// applied the CreateTopic yet when the leader acknowledged it: NOT_FOUND is retried for a
+    /// while.
+    async fn owner_of(&self, topic: &str) -> anyhow::Result<String> {
+        let give_up = tokio::time::Instant::now() + self.rpc_timeout;
+        loop {
+            match self.stats_status(topic).await {
+                Ok(stats) => return Ok(stats.owner_address),
+                Err(status)
+                    if status.code() == Code::NotFound && tokio::time::Instant::now() < give_up =>
+                {
+                    sleep(RETRY_PAUSE).await;
+                }
+                Err(status) => {
+                    anyhow::bail!("Stats {topic}: {}", describe_status(&status))
+                }
+            }
+        }
+    }
+
+    async fn delete_topic(&self, client: &mut SyncdClient, name: String) -> Result<(), String> {
+        let message = DeleteTopicRequest {
+            header: Some(client.next_header()),
+            name,
+        };
+        client
+            .call(message, |channel, r| async move {
+                QueueClient::new(channel).delete_topic(r).await
+            })
+            .await
+            .result
+            .map(drop)
+    }
+}
+
+/// At most this many candidate names per wanted topic while spreading owners.
+const CANDIDATES_PER_TOPIC: usize = 8;
+
+impl QueueTarget for SyncdQueue {
+    type Client = SyncdQueueClient;
+
+    /// Creates topics until `count` are kept, keeping a candidate only while its owner has
+    /// fewer than its share (count / nodes, rounded up), so that the owners share the load
+    /// evenly; a rejected candidate is deleted. If the hash keeps refusing (more than
+    /// CANDIDATES_PER_TOPIC tries per topic), the last candidates are kept as they fall.
+    async fn create_topics(&self, prefix: &str, count: usize) -> anyhow::Result<Vec<String>> {
+        let share = count.div_ceil(self.nodes.len().max(1));
+        let mut per_owner: HashMap<String, usize> = HashMap::new();
+        let mut kept = Vec::with_capacity(count);
+        let mut client = self.leader.client(0);
+        let budget = count * CANDIDATES_PER_TOPIC;
+        for k in 0.. {
+            if kept.len() == count {
+                break;
+            }
+            let name = topic_name(prefix, k);
+            let create = CreateTopicRequest {
+                header: Some(client.next_header()),
+                name: name.clone(),
+                settings: Some(TopicSettings {
+                    visibility_timeout_ms: VISIBILITY_MS,
+                    ..TopicSettings::default()
+                }),
+            };
+            client
+                .call(create, |channel, r| async move {
+                    QueueClient::new(channel).create_topic(r).await
+                })
+                .await
+                .result
+                .map_err(|reason| anyhow::anyhow!("CreateTopic {name}: {reason}"))?;
+            let owner = self.owner_of(&name).await?;
+            let held = per_owner.entry(owner.clone()).or_default();
+            let out_of_budget = k + (count - kept.len()) >= budget;
+            if *held < share || out_of_budget {
+                *held += 1;
+                self.owners
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(name.clone(), owner);
+                kept.push(name);
+            } else {
+                self.delete_topic(&mut client, name.clone())
+                    .await
+                    .map_err(|reason| anyhow::anyhow!("DeleteTopic {name}: {reason}"))?;
+            }
+        }
+        Ok(kept)
+    }
+
+    async fn client(&self, index: usize, topic: &str) -> anyhow::Result<SyncdQueueClient> {
+        let owner = self
+            .owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .cloned()
+            .with_context(|| format!("topic {topic} was not created by this run"))?;
+        let consume_to = match self.nodes.get(&owner) {
+            Some(channel) => channel.clone(),
+            None => connect(
+                &parse_endpoint(&owner).map_err(anyhow::Error::msg)?,
+                self.rpc_timeout,
+            )
+            .await
+            .map_err(|reason| anyhow::anyhow!("cannot connect to owner {owner}: {reason}"))?,
+        };
+        Ok(SyncdQueueClient {
+            client: self.leader.client(index),
+            topic: topic.to_owned(),
+            owner: consume_to,
+            visibility_ms: VISIBILITY_MS,
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        self.leader.endpoint()
+    }
+
+    async fn stored(&self, topic: &str) -> Result<u64, String> {
+        let s = self.stats(topic).await?;
+        Ok(s.visible + s.in_flight + s.delayed)
+    }
+
+    async fn outstanding(&self, topic: &str) -> Result<u64, String> {
+        self.stored(topic).await
+    }
+
+    async fn delete_topics(&self, topics: &[String]) -> Result<(), String> {
+        delete_all(topics, |name| async move {
+            let mut client = self.leader.client(0);
+            self.delete_topic(&mut client, name).await
+        })
+        .await
+    }
+}
+
+/// The visibility timeout of the bench's topics and deliveries (see queue.rs).
+const VISIBILITY_MS: u64 = VISIBILITY.as_millis() as u64;
+
+/// One benchmark client of the syncd queue.
+pub struct SyncdQueueClient {
+    client: SyncdClient,
+    topic: String,
+    /// The topic owner's connection, for Consume.
+    owner: Channel,
+    visibility_ms: u64,
+}
+
+impl QueueClientTrait for SyncdQueueClient {
+    type Handle = Receipt;
+
+    async fn publish(&mut self, payloads: Vec<Bytes>) -> Call<()> {
+        let header = Some(self.client.next_header());
+        let topic = self.topic.clone();
+        if let [payload] = payloads.as_slice() {
+            let message = PublishRequest {
+                header,
+                topic,
+                payload: payload.clone(),
+                ..PublishRequest::default()
+            };
+            return self
+                .client
+                .call(message, |channel, r| async move {
+                    QueueClient::new(channel).publish(r).await
+                })
+                .await
+                .and_then(|_| Ok(()));
+        }
+        let count = payloads.len();
+        let message = PublishBatchRequest {
+            header,
+            topic,
+            messages: payloads
+                .into_iter()
+                .map(|payload| PublishEntry {
+                    payload,
+                    ..PublishEntry::default()
+                })
+                .collect(),
+        };
+        self.client
+            .call(message, |channel, r| async move {
+                QueueClient::new(channel).publish_batch(r).await
+            })
+            .await
+            .and_then(|answer| {
+                if answer.results.len() == count {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} results for {count} messages",
+                        answer.results.len()
+                    ))
+                }
+            })
+    }
+
+    async fn consume(&mut self, max: u32, wait: Duration) -> Call<Vec<Received<Receipt>>> {
+        let message = ConsumeRequest {
+            header: Some(self.client.next_header()),
+            topic: self.topic.clone(),
+            max_messages: max,
+            visibility_timeout_ms: self.visibility_ms,
+            wait_time_ms: wait.as_millis() as u64,
+        };
+        // The long poll's wait plus the usual deadline.
+        let answer = QueueClient::new(self.owner.clone())
+            .consume(request(message, self.client.rpc_timeout + wait))
+            .await;
+        Call::once(
+            answer
+                .map_err(|status| describe_status(&status))
+                .and_then(|answer| {
+                    answer
+                        .into_inner()
+                        .deliveries
+                        .into_iter()
+                        .map(|d| {
+                            let handle = d.receipt.ok_or_else(|| {
+                                format!("delivery {} has no receipt", d.message_id)
+                            })?;
+                            Ok(Received {
+                                payload: d.payload,
+                                handle,
+                            })
+                        })
+                        .collect()
+                }),
+        )
+    }
+
+    /// One Ack per delivery, all at once (the API has no batch ack).
+    async fn ack(&mut self, handles: Vec<Receipt>) -> Call<()> {
+        let headers = self.client.identity.next_headers(handles.len());
+        let client = &self.client;
+        let acks = handles.into_iter().zip(headers).map(|(receipt, header)| {
+            let message = AckRequest {
+                header: Some(header),
+                topic: self.topic.clone(),
+                receipt: Some(receipt),
+            };
+            client.call(message, |channel, r| async move {
+                QueueClient::new(channel).ack(r).await
+            })
+        });
+        let mut retries = 0;
+        let mut first_error = None;
+        for acked in join_all(acks).await {
+            retries += acked.retries;
+            if let Err(reason) = acked.result {
+                first_error.get_or_insert(reason);
+            }
+        }
+        Call {
+            result: first_error.map_or(Ok(()), Err),
+            retries,
+        }
+    }
+}
+
+/// The syncd cache: every call to the node it names (cache calls are never forwarded), with
+/// `--connections` connections per node.
+pub struct SyncdCache {
+    /// `channels[node][slot]`, nodes in id order.
+    channels: Arc<Vec<Vec<Channel>>>,
+    addresses: Vec<String>,
+    rpc_timeout: Duration,
+}
+
+impl SyncdCache {
+    pub async fn connect(
+        view: &ClusterView,
+        connections: usize,
+        rpc_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut channels = Vec::with_capacity(view.voters.len());
+        for _ in 0..connections.max(1) {
+            let all = connect_all(&view.voters, rpc_timeout).await?;
+            channels.push(all);
+        }
+        let addresses: Vec<String> = view.voters.iter().map(|(_, a)| a.clone()).collect();
+        let per_node = addresses
+            .iter()
+            .map(|a| {
+                channels
+                    .iter()
+                    .filter_map(|all| all.get(a).cloned())
+                    .collect()
+            })
+            .collect();
+        Ok(SyncdCache {
+            channels: Arc::new(per_node),
+            addresses,
+            rpc_timeout,
+        })
+    }
+
+    fn cache_client(&self, index: usize) -> SyncdCacheClient {
+        SyncdCacheClient {
+            channels: Arc::clone(&self.channels),
+            slot: index,
+            identity: Identity::new(),
+            rpc_timeout: self.rpc_timeout,
+        }
+    }
+}
+
+impl CacheTarget for SyncdCache {
+    type Client = SyncdCacheClient;
+
+    fn nodes(&self) -> usize {
+        self.addresses.len()
+    }
+
+    async fn client(&self, index: usize) -> anyhow::Result<SyncdCacheClient> {
+        Ok(self.cache_client(index))
+    }
+
+    fn endpoint(&self) -> String {
+        self.addresses.join(",")
+    }
+
+    async fn delete_keys(&self, keys: Vec<String>) -> Result<(), String> {
+        delete_each(keys, |key| async move {
+            let mut client = self.cache_client(0);
+            let message = CacheDeleteRequest {
+                header: Some(client.identity.next_header()),
+                key,
+            };
+            CacheClient::new(client.channel(0))
+                .delete(request(message, self.rpc_timeout))
+                .await
+                .map(drop)
+                .map_err(|status| describe_status(&status))
+        })
+        .await
+    }
+}
+
+/// One benchmark client of the syncd cache.
+pub struct SyncdCacheClient {
+    channels: Arc<Vec<Vec<Channel>>>,
+    /// Which of each node's connections this client uses.
+    slot: usize,
+    identity: Identity,
+    rpc_timeout: Duration,
+}
+
+impl SyncdCacheClient {
+    fn channel(&self, node: usize) -> Channel {
+        let on_node = &self.channels[node % self.channels.len()];
+        on_node[self.slot % on_node.len()].clone()
+    }
+}
+
+impl CacheClientTrait for SyncdCacheClient {
+    async fn get(&mut self, node: usize, key: &str) -> Call<Option<bool>> {
+        let message = CacheGetRequest {
+            key: key.to_owned(),
+        };
+        let answer = CacheClient::new(self.channel(node))
+            .get(request(message, self.rpc_timeout))
+            .await;
+        Call::once(
+            answer
+                .map_err(|status| describe_status(&status))
+                .and_then(|answer| {
+                    let answer = answer.into_inner();
+                    if answer.found {
+                        Ok(Some(answer.hit))
+                    } else {
+                        Err(format!("{key} is missing"))
+                    }
+                }),
+        )
+    }
+
+    async fn set(&mut self, node: usize, key: &str, value: Bytes) -> Call<()> {
+        let message = CacheSetRequest {
+            header: Some(self.identity.next_header()),
+            key: key.to_owned(),
+            value,
+            ttl_ms: 0,
+        };
+        let answer = CacheClient::new(self.channel(node))
+            .set(request(message, self.rpc_timeout))
+            .await;
+        Call::once(answer.map(drop).map_err(|status| describe_status(&status)))
     }
 }
