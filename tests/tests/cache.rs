@@ -343,56 +343,7 @@ async fn delete_compare_and_set_many_ttl_and_subscribe_behave_as_documented() {
 #[ignore]
 async fn measure_hit_miss_and_write_latency() {
     scenario(3, Options::default(), Duration::from_secs(120), async |c| {
-        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
-        let node = c
-            .ids()
-            .into_iter()
-            .find(|&id| id != leader.id)
-            .context("no follower")?;
-        first_set(c, node, "warm-up", "x").await?;
-        let mut cache = c.client(node).cache();
-        let p = |mut v: Vec<Duration>, q: f64| {
-            v.sort();
-            v[((v.len() - 1) as f64 * q) as usize]
-        };
-        let mut hits = Vec::new();
-        let mut misses = Vec::new();
-        let mut writes = Vec::new();
-        for i in 0..200 {
-            let key = format!("lat{i}");
-            let t = Instant::now();
-            set(c, leader.id, &key, "v").await?;
-            writes.push(t.elapsed());
-            let t = Instant::now();
-            cache
-                .get(request(api::CacheGetRequest { key: key.clone() }))
-                .await?;
-            misses.push(t.elapsed());
-        }
-        for i in 0..2000 {
-            let t = Instant::now();
-            let g = cache
-                .get(request(api::CacheGetRequest {
-                    key: format!("lat{}", i % 200),
-                }))
-                .await?
-                .into_inner();
-            hits.push(t.elapsed());
-            ensure!(g.hit, "{g:?}");
-        }
-        for (name, v) in [
-            ("hit", hits),
-            ("miss (recalls the writer's M line)", misses),
-            ("write on the leader (no sharer)", writes),
-        ] {
-            eprintln!(
-                "{name}: p50 {:?} p99 {:?} ({} calls, one client)",
-                p(v.clone(), 0.5),
-                p(v.clone(), 0.99),
-                v.len()
-            );
-        }
-        Ok(())
+        measure_latency(c).await
     })
     .await;
 }

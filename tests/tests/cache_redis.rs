@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use sync_tests::api;
 use sync_tests::cache::{
-    CALL, concurrent_workload, first_set, get, original_scenario, request, request_within, set,
-    try_set,
+    CALL, concurrent_workload, first_set, get, measure_latency, original_scenario, request,
+    request_within, set, try_set,
 };
 use sync_tests::redis::RedisServer;
 use sync_tests::wait::eventually;
@@ -255,6 +255,18 @@ async fn after_the_leader_is_killed_the_new_directory_fences_redis_and_writes_re
             ensure!(b.value == "2" && b.version == v2, "node {id}: {b:?}");
         }
         Ok(())
+    })
+    .await;
+}
+
+/// Not a check: prints the latency of hits, misses and writes with Redis as memory.
+/// `cargo test -p sync-tests --test cache_redis -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_hit_miss_and_write_latency_over_redis() {
+    let redis = RedisServer::start().await.expect("redis-server");
+    scenario(3, over(&redis), Duration::from_secs(120), async |c| {
+        measure_latency(c).await
     })
     .await;
 }
