@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 
@@ -49,8 +50,11 @@ pub const DONE_TTL: Duration = Duration::from_secs(600);
 /// Redis's latency, well below the cache's operation timeout so an outage is seen in time.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Reconnection backoff bounds (ms): quick at first, then at most every two seconds.
-const RECONNECT_MIN_MS: u32 = 50;
+/// Reconnection backoff bounds (ms): quick at first, then at most every two seconds. The first
+/// delay is also the window in which the client still reports itself connected after Redis went
+/// away, so a request made then waits in the client's queue and, for a write, is resolved as
+/// ambiguous once Redis is back: it is kept short.
+const RECONNECT_MIN_MS: u32 = 10;
 const RECONNECT_MAX_MS: u32 = 2_000;
 
 /// The resolution of an ambiguous write is retried with backoff between these bounds.
@@ -301,6 +305,13 @@ impl RedisMemory {
                 // A command whose connection drops is not sent again on the next one: the
                 // shell resolves it by its id instead.
                 c.max_command_attempts = 1;
+                // A Redis that stops answering (hung, or a network that drops packets) has its
+                // connection closed and reconnected: requests then fail at once as not sent,
+                // rather than each one waiting out its timeout and becoming ambiguous.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(COMMAND_TIMEOUT),
+                    interval: Duration::from_millis(100),
+                };
             })
             .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
             .set_policy(ReconnectPolicy::new_exponential(
