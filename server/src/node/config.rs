@@ -681,7 +681,7 @@ mod tests {
             &file,
             format!(
                 "id = 3\ninitial-cluster = \"{CLUSTER}\"\nelection-timeout = \"500ms\"\n\
-                 data-dir = \"{}\"\n",
+                 cache-backend = \"redis://127.0.0.1:6390\"\ndata-dir = \"{}\"\n",
                 dir.path().join("d").display()
             ),
         )
@@ -699,5 +699,9 @@ mod tests {
         assert_eq!(s.election_timeout, Duration::from_millis(500));
         assert_eq!(s.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(s.election_ticks(), 10);
+        assert_eq!(
+            s.cache_backend,
+            CacheBackend::Redis("redis://127.0.0.1:6390".into())
+        );
     }
 }
