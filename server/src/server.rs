@@ -69,6 +69,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(String),
+    /// The cache's memory backend could not be set up.
+    #[error("cache backend: {0}")]
+    Cache(String),
 }
 
 /// The health rule (see the module docs), without the explanation.
@@ -155,7 +158,18 @@ pub async fn serve(
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
 
     let forwarder = Arc::new(Forwarder::default());
-    let cache = node::cache::spawn(node.clone(), node.settings.cache.clone());
+    let backend = match &node.settings.cache_backend {
+        node::config::CacheBackend::Raft => node::cache::MemoryBackend::Raft,
+        node::config::CacheBackend::Redis(url) => node::cache::MemoryBackend::Redis(
+            node::cache::redis_memory::RedisMemory::connect(
+                url,
+                &node.settings.cluster_id,
+                node.settings.id,
+            )
+            .map_err(|e| ServeError::Cache(e.to_string()))?,
+        ),
+    };
+    let cache = node::cache::spawn(node.clone(), node.settings.cache.clone(), backend);
     let raft_service = RaftServer::new(RaftService {
         driver: running.handle.inputs(),
         timeout: rpc_timeout,

@@ -81,6 +81,8 @@ fn record_one_of_everything() {
     record::queue_topics(2);
     record::queue_messages("published", 10);
     record::queue_messages("acked", 9);
+    record::cache_memory("raft", "write", "ok", Duration::from_millis(3));
+    record::cache_memory("redis", "read", "refused", Duration::from_micros(300));
     // The gRPC families are recorded by the middleware; record one request by hand.
     ::metrics::counter!(
         names::GRPC_SERVER_REQUESTS,

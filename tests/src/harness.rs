@@ -1338,7 +1338,7 @@ pub async fn scenario(
 
 /// A loopback address whose port was free a moment ago. Another process may take it before the
 /// node binds it; the harness notices and moves the node (see `await_started`).
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind a loopback port")?;
     Ok(listener.local_addr()?)
@@ -1348,7 +1348,7 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 /// killed outright leaves no node behind. (The harness spawns from the test's own threads, which
 /// live as long as the cluster.)
 #[cfg(target_os = "linux")]
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
     unsafe {
@@ -1362,7 +1362,7 @@ fn die_with_parent(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut Command) {}
+pub(crate) fn die_with_parent(_command: &mut Command) {}
 
 /// Whether process `pid` has a socket listening on TCP `port` (from `/proc`); `None` when that
 /// cannot be read.

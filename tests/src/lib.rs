@@ -18,6 +18,9 @@
 //!   is readable, nothing was applied twice and all nodes agree.
 //! - [`locks`]: a lock user that retries every call unchanged on any node, and a history of
 //!   holds with an overlap checker.
+//! - [`cache`]: cache calls, the original scenario and the concurrent workload with its
+//!   stale-read checks, for the tests of both memory backends.
+//! - [`redis`]: a real `redis-server` on a free port (stop, start again, `redis-cli`).
 //! - [`wait`]: bounded polling.
 //! - `binary`: finds the `syncd` binary (and asks cargo to bring it up to date).
 //!
@@ -27,10 +30,12 @@
 //! its own time.
 
 mod binary;
+pub mod cache;
 pub mod harness;
 pub mod locks;
 pub mod proxy;
 pub mod queues;
+pub mod redis;
 pub mod wait;
 pub mod workload;
 

@@ -19,7 +19,7 @@ use crate::cache::message::{Mutation, Write, WriteResult};
 use crate::cache::node::{InvalidationReason, Read};
 use crate::cache::{CacheError, LineState};
 use crate::node::NodeHandle;
-use crate::node::cache::CacheHandle;
+use crate::node::cache::{CacheHandle, MemoryBackend};
 use crate::node::driver::now_unix_ms;
 
 /// Most keys in a GetMany or SetMany.
@@ -236,12 +236,16 @@ impl api::cache_server::Cache for CacheService {
         // Memory's version is known here only on the leader (it is what the directory reads).
         let directory_version = if s.holders.is_some() {
             let k = key.clone();
-            self.node
-                .read(false, move |st| {
-                    st.cache_memory().read(&k, now_unix_ms()).version
-                })
-                .await
-                .unwrap_or(0)
+            match &self.cache.backend {
+                MemoryBackend::Raft => self
+                    .node
+                    .read(false, move |st| {
+                        st.cache_memory().read(&k, now_unix_ms()).version
+                    })
+                    .await
+                    .unwrap_or(0),
+                MemoryBackend::Redis(redis) => redis.version_of(&k).await.unwrap_or(0),
+            }
         } else {
             0
         };

@@ -148,6 +148,16 @@ pub fn describe_all() {
         Unit::Count,
         "Lock events applied, by type (acquired, converted, released, expired, revoked, deadlock)."
     );
+    describe_counter!(
+        CACHE_MEMORY_REQUESTS,
+        Unit::Count,
+        "Memory requests of the cache directory by backend, op and outcome (ok, refused, unknown)."
+    );
+    describe_histogram!(
+        CACHE_MEMORY_DURATION,
+        Unit::Seconds,
+        "Time from a cache memory request's start to its answer."
+    );
     describe_histogram!(
         LOCK_WAIT_DURATION,
         Unit::Seconds,

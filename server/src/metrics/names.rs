@@ -89,6 +89,17 @@ pub const QUEUE_TOPICS: &str = "syncd_queue_topics";
 /// applied commands for (every replica applies the same; read one member).
 pub const QUEUE_MESSAGES: &str = "syncd_queue_messages_total";
 
+// ---- Cache ------------------------------------------------------------------------------------
+
+/// Counter, labels `backend` = `raft` | `redis`, `op` = `read` | `write`, `outcome` = `ok` |
+/// `refused` (memory answered with an error: not applied, never will be) | `unknown` (the
+/// outcome could not be learnt and the request went unanswered; Raft only, see
+/// `node::cache`): requests the cache directory made of memory on this member.
+pub const CACHE_MEMORY_REQUESTS: &str = "syncd_cache_memory_requests_total";
+/// Histogram, labels `backend`, `op`: time from a memory request's start to its answer
+/// (including the resolution of an ambiguous Redis write).
+pub const CACHE_MEMORY_DURATION: &str = "syncd_cache_memory_duration_seconds";
+
 /// Every name above, in the order they appear.
 pub const ALL: &[&str] = &[
     RAFT_ROLE,
@@ -116,4 +127,6 @@ pub const ALL: &[&str] = &[
     LOCK_WAIT_DURATION,
     QUEUE_TOPICS,
     QUEUE_MESSAGES,
+    CACHE_MEMORY_REQUESTS,
+    CACHE_MEMORY_DURATION,
 ];

@@ -176,6 +176,19 @@ pub fn lock_wait(elapsed: Duration) {
     histogram!(names::LOCK_WAIT_DURATION).record(elapsed);
 }
 
+/// A cache memory request ended (see [`names::CACHE_MEMORY_REQUESTS`]): `backend` is `raft` or
+/// `redis`, `op` is `read` or `write`, `outcome` is `ok`, `refused` or `unknown`.
+pub fn cache_memory(
+    backend: &'static str,
+    op: &'static str,
+    outcome: &'static str,
+    elapsed: Duration,
+) {
+    counter!(names::CACHE_MEMORY_REQUESTS, "backend" => backend, "op" => op, "outcome" => outcome)
+        .increment(1);
+    histogram!(names::CACHE_MEMORY_DURATION, "backend" => backend, "op" => op).record(elapsed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

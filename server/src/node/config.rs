@@ -105,6 +105,11 @@ pub struct Flags {
     /// Largest cache value accepted, in bytes (default 1 MiB).
     #[arg(long, env = "SYNCD_CACHE_MAX_VALUE_BYTES")]
     pub cache_max_value_bytes: Option<u64>,
+    /// The cache's memory: `raft` (default: the replicated state machine) or
+    /// redis://HOST:PORT[/DB] (Redis is main memory, the nodes coherent caches in front of it).
+    /// Every node of a cluster must name the same.
+    #[arg(long, env = "SYNCD_CACHE_BACKEND")]
+    pub cache_backend: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "SYNCD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -161,6 +166,8 @@ pub struct Settings {
     pub queue_auto_create: bool,
     /// The cache's settings.
     pub cache: crate::cache::CacheConfig,
+    /// Where the cache's memory lives.
+    pub cache_backend: CacheBackend,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -172,6 +179,39 @@ impl Settings {
     pub fn election_ticks(&self) -> u32 {
         let ticks = self.election_timeout.as_micros() / self.heartbeat_interval.as_micros().max(1);
         ticks.clamp(2, 10_000) as u32
+    }
+}
+
+/// Where the cache's memory lives (`--cache-backend`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheBackend {
+    /// The replicated state machine.
+    Raft,
+    /// Redis at this `redis://HOST:PORT[/DB]` URL.
+    Redis(String),
+}
+
+impl CacheBackend {
+    /// Parses `raft` or a Redis URL. Redis keys are prefixed with the cluster id so that
+    /// clusters can share a Redis, so a node that does not know its cluster id (one that joined
+    /// with `--initial-cluster-state existing`) cannot use Redis: it would read and write
+    /// another cluster's keys, and no longer be coherent with its own.
+    fn parse(value: Option<&str>, cluster_id: &str) -> Result<CacheBackend, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("raft") => Ok(CacheBackend::Raft),
+            Some(url) => {
+                crate::node::cache::redis_memory::check_url(url)
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                if cluster_id.is_empty() {
+                    return err(
+                        "--cache-backend redis needs the cluster id, which a node that joined \
+                         with --initial-cluster-state existing does not know; use \
+                         --cache-backend raft on it",
+                    );
+                }
+                Ok(CacheBackend::Redis(url.to_string()))
+            }
+        }
     }
 }
 
@@ -320,6 +360,7 @@ impl Flags {
             cache_drift_margin,
             cache_capacity_bytes,
             cache_max_value_bytes,
+            cache_backend,
             log_format,
             log_level
         );
@@ -483,6 +524,7 @@ impl Flags {
         } else {
             cluster_id(&initial)
         };
+        let cache_backend = CacheBackend::parse(self.cache_backend.as_deref(), &cluster_id)?;
         if meta.is_none() {
             write_meta(
                 &data_dir,
@@ -508,6 +550,7 @@ impl Flags {
             snapshot_threshold,
             queue_auto_create: self.queue_auto_create.unwrap_or(true),
             cache,
+            cache_backend,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
         })
@@ -597,6 +640,30 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_backend_is_raft_by_default_or_a_plain_redis_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = |value: Option<&str>| {
+            Flags {
+                cache_backend: value.map(String::from),
+                ..flags(dir.path(), 1, CLUSTER)
+            }
+            .resolve()
+            .map(|s| s.cache_backend)
+        };
+        assert_eq!(backend(None).unwrap(), CacheBackend::Raft);
+        assert_eq!(backend(Some("raft")).unwrap(), CacheBackend::Raft);
+        assert_eq!(
+            backend(Some("redis://127.0.0.1:6390/1")).unwrap(),
+            CacheBackend::Redis("redis://127.0.0.1:6390/1".into())
+        );
+        for bad in ["memcached://h:1", "redis://nowhere", "rediss://h:1"] {
+            let e = backend(Some(bad)).unwrap_err().to_string();
+            assert!(e.starts_with("--cache-backend"), "{bad}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
     fn a_data_dir_of_another_node_or_cluster_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         flags(dir.path(), 1, CLUSTER).resolve().unwrap();
@@ -624,7 +691,7 @@ mod tests {
             &file,
             format!(
                 "id = 3\ninitial-cluster = \"{CLUSTER}\"\nelection-timeout = \"500ms\"\n\
-                 data-dir = \"{}\"\n",
+                 cache-backend = \"redis://127.0.0.1:6390\"\ndata-dir = \"{}\"\n",
                 dir.path().join("d").display()
             ),
         )
@@ -642,6 +709,10 @@ mod tests {
         assert_eq!(s.election_timeout, Duration::from_millis(500));
         assert_eq!(s.heartbeat_interval, Duration::from_millis(50));
         assert_eq!(s.election_ticks(), 10);
+        assert_eq!(
+            s.cache_backend,
+            CacheBackend::Redis("redis://127.0.0.1:6390".into())
+        );
         assert!(
             s.queue_auto_create,
             "topics are auto-created unless switched off"

@@ -9,8 +9,9 @@
 //! - calls `CacheNode::on_new_epoch` as soon as Raft reports a leader of a newer term;
 //! - creates the directory with the term when its node becomes leader and drops it the moment
 //!   the node is not leader of that term any more (and never starts a second one for a term);
-//! - runs the directory's memory requests against the replicated state ([`crate::state::
-//!   cache_memory`]): a write is a Raft proposal, a read a linearizable (ReadIndex) read;
+//! - runs the directory's memory requests against its [`MemoryBackend`]: the replicated state
+//!   ([`raft_memory`]: a write is a Raft proposal, a read a linearizable (ReadIndex) read), or
+//!   Redis ([`redis_memory`]: one Lua script per request);
 //! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe.
 //!
 //! ## The two runtime requirements of `docs/cache.md`
@@ -37,13 +38,16 @@
 //! The write also names its epoch, and the state machine refuses it unless the entry is of that
 //! term, so a directory left over from an older term of a node that leads again cannot write.
 
+pub mod raft_memory;
+pub mod redis_memory;
 pub mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sync_proto::internal::v1 as ipb;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::cache::directory::{Holder, HomeEffect};
@@ -53,10 +57,11 @@ use crate::cache::node::{
     Answer, InvalidationEvent, LineView, Lookup, NodeEffect, NodeStats, Read,
 };
 use crate::cache::{CacheConfig, CacheError, CacheNode, Directory, Epoch, NodeId, OpId};
-use crate::node::driver::{NodeStatus, now_unix_ms};
-use crate::node::{NodeError, NodeHandle};
+use crate::metrics::record;
+use crate::node::NodeHandle;
+use crate::node::driver::NodeStatus;
 use crate::raft::Role;
-use crate::state::Applied;
+use redis_memory::RedisMemory;
 use wire::Decoded;
 
 /// How often the node and the directory are ticked: the most a lease lapse, a TTL or a demand's
@@ -93,6 +98,25 @@ pub struct CacheStats {
     pub invalidations_sent: u64,
 }
 
+/// Where the directory's memory requests go (`--cache-backend`).
+#[derive(Clone, Debug)]
+pub enum MemoryBackend {
+    /// The replicated state machine ([`raft_memory`]).
+    Raft,
+    /// Redis ([`redis_memory`]).
+    Redis(Arc<RedisMemory>),
+}
+
+impl MemoryBackend {
+    /// The backend's name in metrics: `raft` or `redis`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MemoryBackend::Raft => "raft",
+            MemoryBackend::Redis(_) => "redis",
+        }
+    }
+}
+
 /// What the API services hold to use the cache.
 #[derive(Clone)]
 pub struct CacheHandle {
@@ -100,6 +124,8 @@ pub struct CacheHandle {
     events: broadcast::Sender<InvalidationEvent>,
     /// The settings.
     pub cfg: CacheConfig,
+    /// Where memory lives (the State call reads memory's version from it).
+    pub backend: MemoryBackend,
 }
 
 fn stopped() -> CacheError {
@@ -193,8 +219,8 @@ enum Input {
     },
 }
 
-/// Starts this node's cache runtime.
-pub fn spawn(node: NodeHandle, cfg: CacheConfig) -> CacheHandle {
+/// Starts this node's cache runtime, its directory's memory being `backend`.
+pub fn spawn(node: NodeHandle, cfg: CacheConfig, backend: MemoryBackend) -> CacheHandle {
     let (inputs, rx) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(EVENT_BUFFER);
     let me = node.settings.id;
@@ -221,12 +247,15 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig) -> CacheHandle {
         current: status.borrow().clone(),
         past_invalidations_sent: 0,
         node,
+        backend: backend.clone(),
+        live_epoch: Arc::new(AtomicU64::new(0)),
     };
     tokio::spawn(runtime.run(rx, status));
     CacheHandle {
         inputs,
         events,
         cfg,
+        backend,
     }
 }
 
@@ -268,6 +297,11 @@ struct Runtime {
     current: NodeStatus,
     /// Invalidations sent by directories already dropped.
     past_invalidations_sent: u64,
+    /// Where memory requests go.
+    backend: MemoryBackend,
+    /// The epoch of the directory running now (0: none). A Redis write whose outcome is being
+    /// resolved stops trying once its directory is gone: no one would take the answer.
+    live_epoch: Arc<AtomicU64>,
 }
 
 impl Runtime {
@@ -325,6 +359,7 @@ impl Runtime {
             tracing::info!(term, "cache directory started");
             self.last_epoch = term;
             self.dir = Some(Directory::new(self.cfg.clone(), term, now));
+            self.live_epoch.store(term, Ordering::Relaxed);
         }
         if self.current.leader.is_some() {
             self.flush_unsent();
@@ -332,6 +367,7 @@ impl Runtime {
     }
 
     fn drop_directory(&mut self, why: &str) {
+        self.live_epoch.store(0, Ordering::Relaxed);
         if let Some(d) = self.dir.take() {
             tracing::info!(epoch = d.epoch(), why, "cache directory stopped");
             self.past_invalidations_sent += d.stats().invalidations_sent;
@@ -544,109 +580,35 @@ impl Runtime {
         });
     }
 
-    /// Runs a memory request against the replicated state and reports the outcome.
+    /// Runs a memory request against the backend in a task of its own and reports the
+    /// outcome to the runtime (which hands it to the directory of that epoch, if it still runs).
     fn run_memory(&self, req: MemoryRequest) {
+        let backend = self.backend.clone();
         let node = self.node.clone();
         let tx = self.self_tx.clone();
+        let live = self.live_epoch.clone();
         tokio::spawn(async move {
-            let outcome = match req.op {
-                MemoryOp::Read { key } => Some(
-                    node.read(true, move |s| s.cache_memory().read(&key, now_unix_ms()))
+            let started = Instant::now();
+            let (epoch, id) = (req.epoch, req.id);
+            let op = match req.op {
+                MemoryOp::Read { .. } => "read",
+                MemoryOp::Write { .. } => "write",
+            };
+            let outcome = match &backend {
+                MemoryBackend::Raft => raft_memory::run(&node, req).await,
+                MemoryBackend::Redis(redis) => {
+                    redis
+                        .run(&req, || live.load(Ordering::Relaxed) == epoch)
                         .await
-                        .map(MemoryReply::Read)
-                        .map_err(|e| MemoryError::Unavailable(e.to_string())),
-                ),
-                MemoryOp::Write { key, write } => {
-                    let cmd = wire::write_to_pb(&key, &write, req.epoch);
-                    written(node.propose(ipb::command::Op::CacheWrite(cmd), None).await)
                 }
             };
-            let _ = tx.send(Input::Memory {
-                epoch: req.epoch,
-                id: req.id,
-                outcome,
-            });
+            let label = match &outcome {
+                Some(Ok(_)) => "ok",
+                Some(Err(_)) => "refused",
+                None => "unknown",
+            };
+            record::cache_memory(backend.name(), op, label, started.elapsed());
+            let _ = tx.send(Input::Memory { epoch, id, outcome });
         });
-    }
-}
-
-/// A write proposal's outcome as memory's answer; `None` if it may or may not take effect.
-fn written(r: Result<(u64, Applied), NodeError>) -> Option<Result<MemoryReply, MemoryError>> {
-    use ipb::command_result::Result as R;
-    let refused = |why: String| Some(Err(MemoryError::Unavailable(why)));
-    match r {
-        Ok((
-            _,
-            Applied::Result(ipb::CommandResult {
-                result: Some(R::CacheWrite(w)),
-            }),
-        )) => {
-            if !w.refused.is_empty() {
-                refused(w.refused)
-            } else if w.applied {
-                Some(Ok(MemoryReply::Written(WriteResult::Applied {
-                    version: w.version,
-                    existed: w.existed,
-                })))
-            } else {
-                Some(Ok(MemoryReply::Written(WriteResult::Mismatch {
-                    current: w.current_version,
-                })))
-            }
-        }
-        // Applied, but not as a cache write (a command that did not decode): nothing changed.
-        Ok((_, other)) => refused(format!("the cache write was not applied: {other:?}")),
-        // Refused before it was appended: it can never commit.
-        Err(e @ (NodeError::NotLeader { .. } | NodeError::Raft(_))) => refused(e.to_string()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cache write outcome unknown; stopping this directory");
-            None
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_an_ambiguous_proposal_failure_goes_unanswered() {
-        assert!(written(Err(NodeError::Lost)).is_none());
-        assert!(written(Err(NodeError::ShuttingDown)).is_none());
-        assert!(written(Err(NodeError::Timeout("t".into()))).is_none());
-        assert!(matches!(
-            written(Err(NodeError::NotLeader { leader: None })),
-            Some(Err(_))
-        ));
-        let refused = ipb::CommandResult {
-            result: Some(ipb::command_result::Result::CacheWrite(
-                ipb::CacheWriteResult {
-                    refused: "old epoch".into(),
-                    ..Default::default()
-                },
-            )),
-        };
-        assert!(matches!(
-            written(Ok((3, Applied::Result(refused)))),
-            Some(Err(_))
-        ));
-        let applied = ipb::CommandResult {
-            result: Some(ipb::command_result::Result::CacheWrite(
-                ipb::CacheWriteResult {
-                    applied: true,
-                    version: 3,
-                    current_version: 3,
-                    existed: false,
-                    refused: String::new(),
-                },
-            )),
-        };
-        assert_eq!(
-            written(Ok((3, Applied::Result(applied)))),
-            Some(Ok(MemoryReply::Written(WriteResult::Applied {
-                version: 3,
-                existed: false
-            })))
-        );
     }
 }

@@ -1,0 +1,650 @@
+//! Memory in Redis: the cache's backing store when a node starts with
+//! `--cache-backend redis://HOST:PORT[/DB]`. Redis is main memory and the nodes are coherent
+//! caches in front of it (write-through: memory holds a value before its Set returns).
+//!
+//! Every [`MemoryRequest`] is one Lua script, so it is atomic in Redis, and every script honours
+//! the memory contract of [`crate::cache::memory`]:
+//! - **keys** live under `syncd:cache:<cluster id>:`, so several clusters can share a Redis. A
+//!   cache key's record is the hash `<prefix>k:<key>` with fields `value`, `version` and
+//!   `expires_at` (Unix ms by Redis's own clock, `TIME` inside the script: memory stamps the
+//!   expiry, whatever the nodes' clocks say);
+//! - **versions** come from one counter `<prefix>seq` (INCR), so they strictly increase and are
+//!   never reused, across keys and deletions. A deletion keeps a tombstone (no `value`, the
+//!   version kept) and no record ever gets a Redis expiry, so a key's version never goes back. A
+//!   key never written reads as version 0;
+//! - **fencing**: `<prefix>epoch` holds the newest directory epoch seen. Every script (reads
+//!   too) refuses a request of an older epoch with `stale <newest>` and raises the fence to a
+//!   newer one, before it touches anything else;
+//! - **idempotence**: a write carries an id `<node>:<incarnation>:<epoch>:<memop id>`. Its
+//!   result is recorded at `<prefix>done:<id>` (10 minutes) in the same script, and a replay of
+//!   the id answers that result without writing again;
+//! - **ambiguity** (contract rule 3): when a write may have reached Redis but its answer was lost
+//!   (timeout, connection dropped), the shell does not answer. It runs [`RESOLVE`] for the id
+//!   until Redis answers: the recorded result if the write happened, else the id is recorded as
+//!   `cancelled`, which the write script answers without writing if the original arrives late.
+//!   Only then does the directory get its answer. A request that could not be sent (no
+//!   connection) fails at once as UNAVAILABLE, naming the Redis URL.
+//!
+//! The scripts check everything before their first write, and their writes cannot fail on a
+//! well-formed record, so a script never stops half way.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
+use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
+
+use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
+use crate::cache::message::{Mutation, Write, WriteResult};
+use crate::cache::{Epoch, Stored};
+
+/// How long a write's result (or its cancellation) is remembered for replays. A request still
+/// in flight after this long is not a real risk: every command has [`COMMAND_TIMEOUT`].
+pub const DONE_TTL: Duration = Duration::from_secs(600);
+
+/// The longest one script may take before its outcome counts as unknown: far above a healthy
+/// Redis's latency, well below the cache's operation timeout so an outage is seen in time.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reconnection backoff bounds (ms): quick at first, then at most every two seconds. The first
+/// delay is also the window in which the client still reports itself connected after Redis went
+/// away, so a request made then waits in the client's queue and, for a write, is resolved as
+/// ambiguous once Redis is back: it is kept short.
+const RECONNECT_MIN_MS: u32 = 10;
+const RECONNECT_MAX_MS: u32 = 2_000;
+
+/// The resolution of an ambiguous write is retried with backoff between these bounds.
+const RESOLVE_MIN: Duration = Duration::from_millis(50);
+const RESOLVE_MAX: Duration = Duration::from_secs(1);
+
+/// Checks the fence, then reads a record.
+/// KEYS: record, epoch. ARGV: epoch.
+/// Returns `{'stale', newest}` or `{'ok', version, ttl_left_ms or -1, value or false}`.
+pub const READ: &str = r#"
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+local epoch = tonumber(ARGV[1])
+if epoch < fence then return {'stale', string.format('%d', fence)} end
+if epoch > fence then redis.call('SET', KEYS[2], ARGV[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at')
+local version = r[2] or '0'
+if r[1] == false or (r[3] ~= false and now >= tonumber(r[3])) then
+  return {'ok', version, '-1', false}
+end
+local ttl = '-1'
+if r[3] ~= false then ttl = string.format('%d', tonumber(r[3]) - now) end
+return {'ok', version, ttl, r[1]}
+"#;
+
+/// Answers a replayed id, checks the fence, then writes (Set, Delete, CompareAndSet) and records
+/// the result under the id.
+/// KEYS: record, seq, epoch, done. ARGV: epoch, `set` | `del`, expected version or '',
+/// value, ttl ms or '', done ttl ms.
+/// Returns `stale <newest>`, `cancelled`, `mismatch <current>` or `applied <version> <0|1>`.
+pub const WRITE: &str = r#"
+local prior = redis.call('GET', KEYS[4])
+if prior then return prior end
+local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
+local epoch = tonumber(ARGV[1])
+if epoch < fence then return 'stale ' .. string.format('%d', fence) end
+if epoch > fence then redis.call('SET', KEYS[3], ARGV[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at')
+local current = tonumber(r[2] or '0')
+local existed = r[1] ~= false and (r[3] == false or now < tonumber(r[3]))
+local result
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
+  result = 'mismatch ' .. string.format('%d', current)
+else
+  local version = redis.call('INCR', KEYS[2])
+  if ARGV[2] == 'set' then
+    redis.call('HSET', KEYS[1], 'value', ARGV[4], 'version', string.format('%d', version))
+    if ARGV[5] ~= '' then
+      redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', now + tonumber(ARGV[5])))
+    else
+      redis.call('HDEL', KEYS[1], 'expires_at')
+    end
+  else
+    redis.call('HDEL', KEYS[1], 'value', 'expires_at')
+    redis.call('HSET', KEYS[1], 'version', string.format('%d', version))
+  end
+  local e = '0'
+  if existed then e = '1' end
+  result = 'applied ' .. string.format('%d', version) .. ' ' .. e
+end
+redis.call('SET', KEYS[4], result, 'PX', ARGV[6])
+return result
+"#;
+
+/// Settles an ambiguous write: its recorded result if it happened, else records it as
+/// `cancelled` so that it never will.
+/// KEYS: done. ARGV: done ttl ms. Returns what [`WRITE`] returns.
+pub const RESOLVE: &str = r#"
+local prior = redis.call('GET', KEYS[1])
+if prior then return prior end
+redis.call('SET', KEYS[1], 'cancelled', 'PX', ARGV[1])
+return 'cancelled'
+"#;
+
+/// Why `--cache-backend` was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--cache-backend {url:?}: {why} (expected `raft` or redis://HOST:PORT[/DB]; TLS, \
+     passwords, Sentinel and Redis Cluster are not supported)"
+)]
+pub struct BadUrl {
+    /// The value given.
+    pub url: String,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// Checks a `redis://HOST:PORT[/DB]` URL: a host, a port, an optional database number, nothing
+/// else.
+pub fn check_url(url: &str) -> Result<(), BadUrl> {
+    let bad = |why: &str| BadUrl {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or_else(|| bad("not a redis:// URL"))?;
+    let (authority, db) = match rest.split_once('/') {
+        Some((a, db)) => (a, Some(db)),
+        None => (rest, None),
+    };
+    if authority.contains('@') {
+        return Err(bad("credentials are not supported"));
+    }
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| bad("the port is missing"))?;
+    if host.is_empty() {
+        return Err(bad("the host is missing"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port must be a number from 1 to 65535")),
+    }
+    if let Some(db) = db
+        && !db.is_empty()
+        && db.parse::<u8>().is_err()
+    {
+        return Err(bad("the database must be a number"));
+    }
+    Config::from_url(url).map_err(|e| bad(e.details()))?;
+    Ok(())
+}
+
+/// The script's answer to a write, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteAnswer {
+    /// Applied (now or, for a replayed id, earlier).
+    Written(WriteResult),
+    /// Refused: the fence holds a newer epoch.
+    Stale(Epoch),
+    /// The id was cancelled by a resolution: the write did not and never will happen.
+    Cancelled,
+}
+
+/// Decodes [`WRITE`]'s and [`RESOLVE`]'s answer.
+pub fn decode_write(s: &str) -> Result<WriteAnswer, String> {
+    let mut parts = s.split(' ');
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u64>().ok());
+    let answer = match parts.next() {
+        Some("applied") => {
+            let version = number(parts.next());
+            let existed = parts.next();
+            match (version, existed) {
+                (Some(version), Some(e @ ("0" | "1"))) => {
+                    WriteAnswer::Written(WriteResult::Applied {
+                        version,
+                        existed: e == "1",
+                    })
+                }
+                _ => return Err(format!("malformed write answer {s:?}")),
+            }
+        }
+        Some("mismatch") => match number(parts.next()) {
+            Some(current) => WriteAnswer::Written(WriteResult::Mismatch { current }),
+            None => return Err(format!("malformed write answer {s:?}")),
+        },
+        Some("stale") => match number(parts.next()) {
+            Some(e) => WriteAnswer::Stale(e),
+            None => return Err(format!("malformed write answer {s:?}")),
+        },
+        Some("cancelled") => WriteAnswer::Cancelled,
+        _ => return Err(format!("unexpected write answer {s:?}")),
+    };
+    if parts.next().is_some() {
+        return Err(format!("malformed write answer {s:?}"));
+    }
+    Ok(answer)
+}
+
+/// Decodes [`READ`]'s answer: the stored value, or the newer epoch that refused the read.
+pub fn decode_read(v: Value) -> Result<Result<Stored, Epoch>, String> {
+    let malformed = |v: &dyn std::fmt::Debug| format!("malformed read answer {v:?}");
+    let Value::Array(items) = v else {
+        return Err(malformed(&v));
+    };
+    let text = |v: &Value| v.as_str().map(|s| s.to_string());
+    let num = |v: &Value| text(v).and_then(|s| s.parse::<i64>().ok());
+    match items.first().and_then(text).as_deref() {
+        Some("stale") => match items.get(1).and_then(num) {
+            Some(e) if e >= 0 => Ok(Err(e as u64)),
+            _ => Err(malformed(&items)),
+        },
+        Some("ok") if items.len() == 4 => {
+            let (Some(version), Some(ttl)) = (num(&items[1]), num(&items[2])) else {
+                return Err(malformed(&items));
+            };
+            let value = match &items[3] {
+                Value::Null => None,
+                Value::Bytes(b) => Some(b.clone()),
+                Value::String(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+                other => return Err(malformed(other)),
+            };
+            Ok(Ok(Stored {
+                version: version.max(0) as u64,
+                ttl_left_ms: value.as_ref().and((ttl >= 0).then_some(ttl as u64)),
+                value,
+            }))
+        }
+        _ => Err(malformed(&items)),
+    }
+}
+
+/// How a script call failed.
+#[derive(Debug)]
+enum CallError {
+    /// Not sent: there is no connection.
+    NotSent(String),
+    /// Sent, or maybe sent: the outcome is unknown.
+    Unknown(String),
+}
+
+/// One node's connection to Redis as the cache's memory.
+pub struct RedisMemory {
+    /// The client: one connection, reconnected in the background with backoff.
+    client: Client,
+    /// As given in `--cache-backend`, for error messages.
+    url: String,
+    /// `syncd:cache:<cluster id>:`.
+    prefix: String,
+    /// `<node>:<incarnation>`: with the epoch and the memory op id, a write id never used
+    /// before by any run of any node.
+    writer: String,
+    read: Script,
+    write: Script,
+    resolve: Script,
+}
+
+impl RedisMemory {
+    /// Creates the client and starts connecting in the background: the node starts even when
+    /// Redis is down, and memory requests fail UNAVAILABLE until it is up.
+    pub fn connect(url: &str, cluster_id: &str, node: u64) -> Result<Arc<Self>, BadUrl> {
+        check_url(url)?;
+        let bad = |e: Error| BadUrl {
+            url: url.to_string(),
+            why: e.details().to_string(),
+        };
+        let mut config = Config::from_url(url).map_err(bad)?;
+        // Keep reconnecting (the first connection too) instead of giving up.
+        config.fail_fast = false;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = COMMAND_TIMEOUT;
+                c.internal_command_timeout = COMMAND_TIMEOUT;
+                // A command whose connection drops is not sent again on the next one: the
+                // shell resolves it by its id instead.
+                c.max_command_attempts = 1;
+                // A Redis that stops answering (hung, or a network that drops packets) has its
+                // connection closed and reconnected: requests then fail at once as not sent,
+                // rather than each one waiting out its timeout and becoming ambiguous.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(COMMAND_TIMEOUT),
+                    interval: Duration::from_millis(100),
+                };
+            })
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+            .set_policy(ReconnectPolicy::new_exponential(
+                0,
+                RECONNECT_MIN_MS,
+                RECONNECT_MAX_MS,
+                2,
+            ))
+            .build()
+            .map_err(bad)?;
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let memory = Arc::new(RedisMemory {
+            client,
+            url: url.to_string(),
+            prefix: format!("syncd:cache:{cluster_id}:"),
+            writer: format!("{node}:{incarnation}"),
+            read: Script::from_lua(READ),
+            write: Script::from_lua(WRITE),
+            resolve: Script::from_lua(RESOLVE),
+        });
+        // The task drives the connection until the client is dropped; its errors are
+        // reconnection attempts, reported to callers as UNAVAILABLE.
+        drop(memory.client.connect());
+        Ok(memory)
+    }
+
+    /// Waits up to `timeout` for the connection (for tests and tools; the runtime never waits:
+    /// requests fail UNAVAILABLE until Redis is reachable). Whether it is connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.client.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// The URL, for Status and messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The version memory holds for `key` (0 if never written), read without the fence: for the
+    /// State call, which only reports it.
+    pub async fn version_of(&self, key: &str) -> Result<u64, String> {
+        if !self.client.is_connected() {
+            return Err(format!("redis at {} unreachable", self.url));
+        }
+        let v: Option<u64> = timed(self.client.hget(self.key(key), "version"))
+            .await
+            .map_err(|e| format!("redis at {}: {}", self.url, e.details()))?;
+        Ok(v.unwrap_or(0))
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}k:{key}", self.prefix)
+    }
+
+    fn done_key(&self, epoch: Epoch, id: MemOpId) -> String {
+        format!("{}done:{}:{epoch}:{id}", self.prefix, self.writer)
+    }
+
+    /// Runs a request. `None` means the outcome of a write could not be learnt before
+    /// `still_wanted` turned false (the directory that asked is gone): it goes unanswered.
+    pub async fn run(
+        &self,
+        req: &MemoryRequest,
+        still_wanted: impl Fn() -> bool,
+    ) -> Option<Result<MemoryReply, MemoryError>> {
+        let unavailable = |why: String| Some(Err(MemoryError::Unavailable(why)));
+        match &req.op {
+            MemoryOp::Read { key } => match self.read_key(req.epoch, key).await {
+                // A read changes nothing but the fence, so any failure is a plain refusal.
+                Err(CallError::NotSent(why) | CallError::Unknown(why)) => unavailable(why),
+                Ok(Ok(stored)) => Some(Ok(MemoryReply::Read(stored))),
+                Ok(Err(newer)) => unavailable(self.stale(req.epoch, newer)),
+            },
+            MemoryOp::Write { key, write } => {
+                let done = self.done_key(req.epoch, req.id);
+                let answer = match self.write_key(req.epoch, key, write, &done).await {
+                    Ok(answer) => answer,
+                    Err(CallError::NotSent(why)) => return unavailable(why),
+                    Err(CallError::Unknown(why)) => {
+                        tracing::warn!(key, why, "cache write outcome unknown; resolving it");
+                        match self.settle(req.epoch, req.id, still_wanted).await {
+                            Some(answer) => answer,
+                            None => return None,
+                        }
+                    }
+                };
+                Some(match answer {
+                    Ok(WriteAnswer::Written(w)) => Ok(MemoryReply::Written(w)),
+                    Ok(WriteAnswer::Stale(newer)) => {
+                        Err(MemoryError::Unavailable(self.stale(req.epoch, newer)))
+                    }
+                    Ok(WriteAnswer::Cancelled) => Err(MemoryError::Unavailable(format!(
+                        "redis at {} did not confirm the write in time; it was cancelled",
+                        self.url
+                    ))),
+                    Err(why) => Err(MemoryError::Unavailable(why)),
+                })
+            }
+        }
+    }
+
+    fn stale(&self, epoch: Epoch, newer: Epoch) -> String {
+        format!(
+            "stale epoch: redis at {} is fenced at directory epoch {newer}, this request is of \
+             epoch {epoch}",
+            self.url
+        )
+    }
+
+    /// Settles write `id` of `epoch` whose outcome is unknown: runs [`RESOLVE`] until Redis
+    /// answers, while the answer is still wanted (`None` once it is not). Afterwards the write
+    /// either happened (its result) or never will ([`WriteAnswer::Cancelled`]).
+    pub async fn settle(
+        &self,
+        epoch: Epoch,
+        id: MemOpId,
+        still_wanted: impl Fn() -> bool,
+    ) -> Option<Result<WriteAnswer, String>> {
+        let done = self.done_key(epoch, id);
+        let done = done.as_str();
+        let mut pause = RESOLVE_MIN;
+        while still_wanted() {
+            let args = vec![Value::from(DONE_TTL.as_millis() as i64)];
+            match self.call(&self.resolve, vec![done.to_string()], args).await {
+                Ok(v) => return Some(self.write_answer(v)),
+                Err(CallError::NotSent(why) | CallError::Unknown(why)) => {
+                    tracing::debug!(why, "cache write resolution failed; retrying");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RESOLVE_MAX);
+        }
+        None
+    }
+
+    fn write_answer(&self, v: Value) -> Result<WriteAnswer, String> {
+        match v.as_str() {
+            Some(s) => decode_write(&s),
+            None => Err(format!(
+                "unexpected answer from redis at {}: {v:?}",
+                self.url
+            )),
+        }
+    }
+
+    async fn read_key(&self, epoch: Epoch, key: &str) -> Result<Result<Stored, Epoch>, CallError> {
+        let keys = vec![self.key(key), format!("{}epoch", self.prefix)];
+        let v = self
+            .call(&self.read, keys, vec![Value::from(epoch as i64)])
+            .await?;
+        decode_read(v).map_err(CallError::Unknown)
+    }
+
+    async fn write_key(
+        &self,
+        epoch: Epoch,
+        key: &str,
+        write: &Write,
+        done: &str,
+    ) -> Result<Result<WriteAnswer, String>, CallError> {
+        let keys = vec![
+            self.key(key),
+            format!("{}seq", self.prefix),
+            format!("{}epoch", self.prefix),
+            done.to_string(),
+        ];
+        let (kind, value, ttl) = match &write.mutation {
+            Mutation::Set { value, ttl_ms } => (
+                "set",
+                Value::Bytes(value.clone()),
+                ttl_ms.map_or(Value::from(""), |t| Value::from(t as i64)),
+            ),
+            Mutation::Delete => ("del", Value::from(""), Value::from("")),
+        };
+        let expect = write
+            .expect
+            .map_or(Value::from(""), |v| Value::from(v.to_string()));
+        let args = vec![
+            Value::from(epoch as i64),
+            Value::from(kind),
+            expect,
+            value,
+            ttl,
+            Value::from(DONE_TTL.as_millis() as i64),
+        ];
+        let v = self.call(&self.write, keys, args).await?;
+        Ok(self.write_answer(v))
+    }
+
+    /// EVALSHA, or EVAL when Redis does not know the script (after a restart): NOSCRIPT means
+    /// the script did not run, so running it again is safe.
+    async fn call(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, CallError> {
+        if !self.client.is_connected() {
+            return Err(CallError::NotSent(format!(
+                "redis at {} unreachable: not connected (reconnecting in the background)",
+                self.url
+            )));
+        }
+        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::from(script.sha1().clone()));
+        argv.push(Value::from(keys.len() as i64));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args);
+        let unknown =
+            |e: Error| CallError::Unknown(format!("redis at {}: {}", self.url, e.details()));
+        let evalsha = CustomCommand::new_static("EVALSHA", ClusterHash::FirstKey, false);
+        match timed(self.client.custom::<Value, Value>(evalsha, argv.clone())).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                argv[0] = Value::from(script.lua().map(|l| l.to_string()).unwrap_or_default());
+                let eval = CustomCommand::new_static("EVAL", ClusterHash::FirstKey, false);
+                timed(self.client.custom::<Value, Value>(eval, argv))
+                    .await
+                    .map_err(unknown)
+            }
+            other => other.map_err(unknown),
+        }
+    }
+}
+
+/// Bounds a command by [`COMMAND_TIMEOUT`] on top of the client's own timeout, in case a
+/// command waits in the client's queue for a connection that does not come back.
+async fn timed<T>(f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    match tokio::time::timeout(COMMAND_TIMEOUT + Duration::from_millis(500), f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(ErrorKind::Timeout, "no answer in time")),
+    }
+}
+
+impl std::fmt::Debug for RedisMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisMemory")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_redis_urls_are_accepted() {
+        for ok in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost:6390/2",
+            "redis://[::1]:6379",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("rediss://h:1", "not a redis://"),
+            ("redis://h", "port is missing"),
+            ("redis://:6379", "host is missing"),
+            ("redis://h:0", "port must be"),
+            ("redis://h:x", "port must be"),
+            ("redis://u:p@h:1", "credentials"),
+            ("redis://h:1/x", "database must be"),
+        ] {
+            let e = check_url(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn write_answers_decode_and_malformed_ones_are_errors() {
+        assert_eq!(
+            decode_write("applied 7 1"),
+            Ok(WriteAnswer::Written(WriteResult::Applied {
+                version: 7,
+                existed: true
+            }))
+        );
+        assert_eq!(
+            decode_write("mismatch 3"),
+            Ok(WriteAnswer::Written(WriteResult::Mismatch { current: 3 }))
+        );
+        assert_eq!(decode_write("stale 9"), Ok(WriteAnswer::Stale(9)));
+        assert_eq!(decode_write("cancelled"), Ok(WriteAnswer::Cancelled));
+        for bad in [
+            "",
+            "applied",
+            "applied 7 2",
+            "applied x 1",
+            "mismatch",
+            "ok 1",
+            "cancelled 1",
+        ] {
+            assert!(decode_write(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn read_answers_decode_values_tombstones_and_ttls() {
+        let arr = |v: Vec<Value>| Value::Array(v);
+        let s = |s: &str| Value::from(s);
+        assert_eq!(
+            decode_read(arr(vec![
+                s("ok"),
+                s("4"),
+                s("250"),
+                Value::Bytes("v".into())
+            ])),
+            Ok(Ok(Stored {
+                version: 4,
+                value: Some(Bytes::from("v")),
+                ttl_left_ms: Some(250)
+            }))
+        );
+        assert_eq!(
+            decode_read(arr(vec![s("ok"), s("5"), s("-1"), Value::Null])),
+            Ok(Ok(Stored {
+                version: 5,
+                value: None,
+                ttl_left_ms: None
+            }))
+        );
+        assert_eq!(decode_read(arr(vec![s("stale"), s("3")])), Ok(Err(3)));
+        assert!(decode_read(s("ok")).is_err());
+        assert!(decode_read(arr(vec![s("ok"), s("x"), s("-1"), Value::Null])).is_err());
+    }
+}
