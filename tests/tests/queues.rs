@@ -1294,3 +1294,108 @@ async fn with_auto_create_off_a_missing_topic_is_not_found_everywhere_and_only_c
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_batch_through_a_follower_acks_each_receipt_once_and_a_retry_gets_the_same_outcomes()
+{
+    scenario(3, Options::default(), Duration::from_secs(60), async |c| {
+        let leader = c.wait_for_leader(Duration::from_secs(5)).await?;
+        let follower = c
+            .ids()
+            .into_iter()
+            .find(|&i| i != leader.id)
+            .context("a follower")?;
+        let nodes = QueueNodes::of(c);
+        let u = QueueUser::new(&nodes, follower);
+        let topic = "batched-acks";
+        let entries = (0..5)
+            .map(|i| api::PublishEntry {
+                payload: Bytes::from(format!("m{i}")),
+                ..Default::default()
+            })
+            .collect();
+        u.publish_batch(topic, entries, WITHIN).await?;
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let more = u
+                .consume(topic, 5, ms(60_000), Duration::from_secs(5), WITHIN)
+                .await?;
+            ensure!(!more.is_empty(), "only {} of 5 delivered", got.len());
+            got.extend(more);
+        }
+        let mut receipts: Vec<api::Receipt> =
+            got.iter().filter_map(|d| d.receipt.clone()).collect();
+        // A receipt naming an attempt that never happened is refused without stopping the
+        // others; an unknown message likewise.
+        let mut stale = receipts[0].clone();
+        stale.delivery_attempt += 1;
+        receipts.insert(0, stale);
+        receipts.push(api::Receipt {
+            message_id: "no-such-message".into(),
+            delivery_attempt: 1,
+        });
+        let request = api::AckBatchRequest {
+            header: Some(api::RequestHeader {
+                client_id: rand::random::<u64>() | 1,
+                sequence: 1,
+                lowest_unacked: 1,
+            }),
+            topic: topic.into(),
+            receipts,
+        };
+        let first = u
+            .retry(WITHIN, CALL, |mut q, t| {
+                let r = timed(request.clone(), t);
+                async move { q.ack_batch(r).await }
+            })
+            .await?;
+        let codes: Vec<i32> = first.results.iter().map(|r| r.code).collect();
+        ensure!(
+            codes
+                == [
+                    Code::FailedPrecondition as i32,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    Code::NotFound as i32
+                ],
+            "outcomes {codes:?}: {first:?}"
+        );
+        ensure!(first.acked == 5, "{first:?}");
+        // The same request again (a retry after a lost answer) is answered from the dedup
+        // record: the same outcomes, nothing acked twice.
+        let again = u
+            .retry(WITHIN, CALL, |mut q, t| {
+                let r = timed(request.clone(), t);
+                async move { q.ack_batch(r).await }
+            })
+            .await?;
+        ensure!(
+            again == first,
+            "the retry answered {again:?}, the first {first:?}"
+        );
+        stats_where(&u, topic, "all acknowledged", |s| {
+            s.in_flight == 0 && s.visible == 0
+        })
+        .await?;
+        let empty = api::AckBatchRequest {
+            header: None,
+            topic: topic.into(),
+            receipts: Vec::new(),
+        };
+        let refused = u
+            .retry(WITHIN, CALL, |mut q, t| {
+                let r = timed(empty.clone(), t);
+                async move { q.ack_batch(r).await }
+            })
+            .await;
+        ensure!(
+            matches!(&refused, Err(s) if s.code() == Code::InvalidArgument),
+            "{refused:?}"
+        );
+        Ok(())
+    })
+    .await;
+}

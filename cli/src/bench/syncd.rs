@@ -28,17 +28,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::future::join_all;
 use sync_proto::sync::v1::cache_client::CacheClient;
 use sync_proto::sync::v1::kv_client::KvClient;
 use sync_proto::sync::v1::lock_client::LockClient;
 use sync_proto::sync::v1::queue_client::QueueClient;
 use sync_proto::sync::v1::{
-    AckRequest, AcquireRequest, CacheDeleteRequest, CacheGetRequest, CacheSetRequest, Consistency,
-    ConsumeRequest, CreateSessionRequest, CreateTopicRequest, DeleteTopicRequest, KvGetRequest,
-    KvPutRequest, LockMode, PublishBatchRequest, PublishEntry, PublishRequest, QueueStatsRequest,
-    QueueStatsResponse, Receipt, ReleaseRequest, RequestHeader, RevokeSessionRequest,
-    TopicSettings,
+    AckBatchRequest, AcquireRequest, CacheDeleteRequest, CacheGetRequest, CacheSetRequest,
+    Consistency, ConsumeRequest, CreateSessionRequest, CreateTopicRequest, DeleteTopicRequest,
+    KvGetRequest, KvPutRequest, LockMode, PublishBatchRequest, PublishEntry, PublishRequest,
+    QueueStatsRequest, QueueStatsResponse, Receipt, ReleaseRequest, RequestHeader,
+    RevokeSessionRequest, TopicSettings,
 };
 use tokio::time::sleep;
 use tonic::transport::{Channel, Endpoint};
@@ -704,31 +703,35 @@ impl QueueClientTrait for SyncdQueueClient {
         )
     }
 
-    /// One Ack per delivery, all at once (the API has no batch ack).
+    /// One AckBatch for the deliveries of a round: one replicated command, as one XACK of
+    /// every id is on Redis. A receipt refused inside the batch is an error of the round.
     async fn ack(&mut self, handles: Vec<Receipt>) -> Call<()> {
-        let headers = self.client.identity.next_headers(handles.len());
-        let client = &self.client;
-        let acks = handles.into_iter().zip(headers).map(|(receipt, header)| {
-            let message = AckRequest {
-                header: Some(header),
-                topic: self.topic.clone(),
-                receipt: Some(receipt),
-            };
-            client.call(message, |channel, r| async move {
-                QueueClient::new(channel).ack(r).await
+        let header = self.client.identity.next_headers(1).pop();
+        let count = handles.len();
+        let message = AckBatchRequest {
+            header,
+            topic: self.topic.clone(),
+            receipts: handles,
+        };
+        let acked = self
+            .client
+            .call(message, |channel, r| async move {
+                QueueClient::new(channel).ack_batch(r).await
             })
-        });
-        let mut retries = 0;
-        let mut first_error = None;
-        for acked in join_all(acks).await {
-            retries += acked.retries;
-            if let Err(reason) = acked.result {
-                first_error.get_or_insert(reason);
-            }
-        }
+            .await;
+        let result = acked
+            .result
+            .and_then(|r| match r.results.iter().find(|x| x.code != 0) {
+                None if r.acked as usize == count => Ok(()),
+                None => Err(format!("AckBatch acknowledged {} of {count}", r.acked)),
+                Some(refused) => Err(format!(
+                    "AckBatch refused a receipt (code {}): {}",
+                    refused.code, refused.message
+                )),
+            });
         Call {
-            result: first_error.map_or(Ok(()), Err),
-            retries,
+            result,
+            retries: acked.retries,
         }
     }
 }

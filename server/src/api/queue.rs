@@ -6,7 +6,7 @@
 //!
 //! | rpc | served by |
 //! |---|---|
-//! | CreateTopic, DeleteTopic, Publish, PublishBatch, Ack, Nack, ExtendVisibility, RequeueExpired, Redrive, Purge | the leader (forwarded once, like the Lock service) |
+//! | CreateTopic, DeleteTopic, Publish, PublishBatch, Ack, AckBatch, Nack, ExtendVisibility, RequeueExpired, Redrive, Purge | the leader (forwarded once, like the Lock service) |
 //! | GetTopic, ListTopics | LINEARIZABLE: the leader; STALE: the receiving node's replica |
 //! | Consume, Subscribe | the topic's owner, which waits for messages on its replica and has the leader propose each `Deliver` |
 //! | Stats | the topic's owner, from its replica |
@@ -261,6 +261,33 @@ fn published(r: ipb::QueuePublished) -> api::PublishResponse {
         message_id: r.message_id,
         deduplicated: r.deduplicated,
     }
+}
+
+/// An AckBatch's answer: each receipt with the status an Ack of it alone would have given.
+fn ack_batch_response(
+    receipts: Vec<api::Receipt>,
+    applied: ipb::QueueAckBatchResult,
+) -> api::AckBatchResponse {
+    let results: Vec<api::AckBatchResult> = receipts
+        .into_iter()
+        .zip(applied.outcomes)
+        .map(|(receipt, outcome)| {
+            let (code, message) = match outcome.error {
+                None => (Code::Ok as i32, String::new()),
+                Some(e) => {
+                    let status = status_of_queue_error(&e);
+                    (status.code() as i32, status.message().to_string())
+                }
+            };
+            api::AckBatchResult {
+                receipt: Some(receipt),
+                code,
+                message,
+            }
+        })
+        .collect();
+    let acked = results.iter().filter(|r| r.code == Code::Ok as i32).count() as u32;
+    api::AckBatchResponse { results, acked }
 }
 
 /// The result a command was expected to produce, or INTERNAL naming what came instead.
@@ -888,6 +915,40 @@ impl api::queue_server::Queue for QueueService {
             |mut c, r| async move { c.ack(r).await },
             |r| match r {
                 R::Ack(_) => Ok(api::AckResponse {}),
+                other => Err(other),
+            },
+        )
+        .await
+    }
+
+    async fn ack_batch(
+        &self,
+        request: Request<api::AckBatchRequest>,
+    ) -> Result<Response<api::AckBatchResponse>, Status> {
+        // The outcomes come back in the receipts' order; each is paired with its receipt.
+        let sent = request.get_ref().receipts.clone();
+        self.write(
+            request,
+            |req| {
+                check_topic(&req.topic)?;
+                let receipts: Vec<ipb::QueueReceipt> = req
+                    .receipts
+                    .iter()
+                    .map(|r| ipb::QueueReceipt {
+                        message_id: r.message_id.clone(),
+                        delivery_attempt: r.delivery_attempt,
+                    })
+                    .collect();
+                crate::state::queue::check_ack_batch(&receipts).map_err(refused)?;
+                let op = Op::AckBatch(ipb::QueueAckBatch {
+                    topic: req.topic.clone(),
+                    receipts,
+                });
+                Ok((op, req.header))
+            },
+            |mut c, r| async move { c.ack_batch(r).await },
+            move |r| match r {
+                R::AckBatch(b) => Ok(ack_batch_response(sent, b)),
                 other => Err(other),
             },
         )

@@ -176,6 +176,7 @@ impl ReplicatedState {
             Some(Op::Publish(p)) => &p.topic,
             Some(Op::Nack(n)) => &n.topic,
             Some(Op::Ack(a)) => &a.topic,
+            Some(Op::AckBatch(a)) => &a.topic,
             Some(Op::ExtendVisibility(e)) => &e.topic,
             Some(Op::RequeueExpired(r)) => &r.topic,
             Some(Op::Redrive(r)) if !r.destination_topic.is_empty() => &r.destination_topic,

@@ -14,8 +14,9 @@ use sync_proto::internal::v1 as ipb;
 
 use super::error::QueueError;
 use super::limits::{
-    MAX_CONSUMER_TAG_BYTES, MAX_DELIVER_BYTES, MAX_DELIVER_MESSAGES, MAX_NACK_DELAY_MS,
-    MAX_VISIBILITY_TIMEOUT_MS, check_at_most, check_len, fill_settings, validate_topic_name,
+    MAX_ACK_BATCH, MAX_CONSUMER_TAG_BYTES, MAX_DELIVER_BYTES, MAX_DELIVER_MESSAGES,
+    MAX_NACK_DELAY_MS, MAX_VISIBILITY_TIMEOUT_MS, check_at_most, check_len, fill_settings,
+    validate_topic_name,
 };
 use super::message::{Message, REASON_NACKED, Status};
 use super::topic::Topic;
@@ -32,6 +33,27 @@ fn delivery_record(msg: &Message, visible_again: u64) -> ipb::QueueDelivery {
         publish_unix_ms: msg.publish_ms,
         first_delivery_unix_ms: msg.first_delivery_ms.unwrap_or_default(),
         visible_again_unix_ms: visible_again,
+    }
+}
+
+/// Checks an AckBatch's shape before anything is proposed (and again when it is applied): 1 to
+/// [`MAX_ACK_BATCH`] receipts, each naming a message.
+pub fn check_ack_batch(receipts: &[ipb::QueueReceipt]) -> Result<(), QueueError> {
+    if receipts.is_empty() {
+        return Err(QueueError::invalid(format!(
+            "the batch has no receipts; send 1 to {MAX_ACK_BATCH}"
+        )));
+    }
+    check_at_most(
+        "the number of receipts in the batch",
+        receipts.len() as u64,
+        MAX_ACK_BATCH as u64,
+    )?;
+    match receipts.iter().position(|r| r.message_id.is_empty()) {
+        Some(i) => Err(QueueError::invalid(format!(
+            "receipts[{i}].message_id must not be empty"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -151,6 +173,32 @@ impl QueueState {
             t.totals.acked += 1;
         });
         Ok(ipb::QueueAckResult {})
+    }
+
+    /// Acknowledges each receipt on its own, in order, as separate Acks would: one that is
+    /// refused (stale, unknown) changes nothing and does not stop the others. Refused as a whole
+    /// only for an unknown topic or a malformed batch, so a retried batch (same request header)
+    /// gets the outcomes remembered with the first attempt rather than new ones.
+    pub(super) fn ack_batch(
+        &mut self,
+        cmd: &ipb::QueueAckBatch,
+    ) -> Result<ipb::QueueAckBatchResult, QueueError> {
+        check_ack_batch(&cmd.receipts)?;
+        self.existing("topic", &cmd.topic)?;
+        let outcomes = cmd
+            .receipts
+            .iter()
+            .map(|receipt| {
+                let ack = ipb::QueueAck {
+                    topic: cmd.topic.clone(),
+                    receipt: Some(receipt.clone()),
+                };
+                ipb::QueueAckOutcome {
+                    error: self.ack(&ack).err().map(|e| e.to_proto()),
+                }
+            })
+            .collect();
+        Ok(ipb::QueueAckBatchResult { outcomes })
     }
 
     /// Gives a delivery back: visible again after the delay, or dead-lettered if it was the last

@@ -29,6 +29,8 @@ pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 300_000;
 pub const MAX_DEDUP_WINDOW_MS: u64 = 86_400_000;
 /// Most entries in one publish: bounds the size of one log entry.
 pub const MAX_PUBLISH_BATCH: usize = 1_000;
+/// Most receipts in one AckBatch: bounds the size of one log entry, as for a publish.
+pub const MAX_ACK_BATCH: usize = 1_000;
 /// Most bytes in one publish (sum of the entries' sizes): one gRPC message.
 pub const MAX_PUBLISH_BATCH_BYTES: u64 = 4 << 20;
 /// Longest publish delay (1 day).

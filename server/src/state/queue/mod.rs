@@ -59,6 +59,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sync_proto::internal::v1 as ipb;
 
+pub use delivery::check_ack_batch;
 pub use error::QueueError;
 pub use message::{Message, Status};
 pub use publish::{message_id, precheck_batch};
@@ -180,6 +181,7 @@ impl QueueState {
             Op::RequeueExpired(c) => R::RequeueExpired(self.requeue_expired(c, report)?),
             Op::Redrive(c) => R::Redrive(self.redrive(c)?),
             Op::Purge(c) => R::Purge(self.purge(c)?),
+            Op::AckBatch(c) => R::AckBatch(self.ack_batch(c)?),
         })
     }
 

@@ -132,6 +132,8 @@ enum Out {
     Published(Vec<(String, bool)>),
     Delivered(Vec<Seen>),
     Acked,
+    /// Each receipt's refusal, `None` where it was acknowledged.
+    AckedBatch(Vec<Option<Code>>),
     Nacked(bool),
     Extended(u64),
     Requeued(u64),
@@ -481,6 +483,22 @@ impl Model {
         }
     }
 
+    /// Each receipt acked on its own, as separate Acks (a missing topic refuses the whole).
+    fn ack_batch(&mut self, name: &str, receipts: &[(String, u32)]) -> Out {
+        if self.find(name).is_none() {
+            return Out::Err(Code::NotFound);
+        }
+        Out::AckedBatch(
+            receipts
+                .iter()
+                .map(|(id, attempt)| match self.ack(name, id, *attempt) {
+                    Out::Err(c) => Some(c),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
     fn nack(&mut self, name: &str, id: &str, attempt: u32, delay: u64) -> Out {
         match self.resolve(name, id, attempt) {
             Err(c) => Out::Err(c),
@@ -639,6 +657,8 @@ enum Step {
     Publish(usize, bool, Vec<GenEntry>),
     Deliver(usize, u32, u64),
     Ack(usize, Mode),
+    /// Receipts of recent deliveries, sent to the first one's topic.
+    AckBatch(Vec<(usize, Mode)>),
     Nack(usize, Mode, u64),
     Extend(usize, Mode, u64),
     /// Time passes, then what the node does about it.
@@ -692,6 +712,7 @@ fn gen_step() -> impl Strategy<Value = Step> {
         6 => (topic.clone(), 0..4u32, prop_oneof![Just(0u64), Just(60), Just(250)])
             .prop_map(|(t, n, v)| Step::Deliver(t, n, v)),
         4 => (any::<usize>(), gen_mode()).prop_map(|(p, m)| Step::Ack(p, m)),
+        2 => proptest::collection::vec((any::<usize>(), gen_mode()), 1..5).prop_map(Step::AckBatch),
         2 => (any::<usize>(), gen_mode(), prop_oneof![Just(0u64), Just(40)])
             .prop_map(|(p, m, d)| Step::Nack(p, m, d)),
         2 => (any::<usize>(), gen_mode(), prop_oneof![Just(0u64), Just(30), Just(200)])
@@ -740,6 +761,12 @@ fn observe(r: Result<R, QueueError>) -> Out {
                 .collect(),
         ),
         Ok(R::Ack(_)) => Out::Acked,
+        Ok(R::AckBatch(b)) => Out::AckedBatch(
+            b.outcomes
+                .into_iter()
+                .map(|o| o.error.map(|e| Code::try_from(e.code).unwrap_or_default()))
+                .collect(),
+        ),
         Ok(R::Nack(n)) => Out::Nacked(n.dead_lettered),
         Ok(R::ExtendVisibility(e)) => Out::Extended(e.visible_again_unix_ms),
         Ok(R::RequeueExpired(r)) => Out::Requeued(r.requeued),
@@ -761,6 +788,7 @@ fn rule_reached(got: &Out, step: &Step) -> Option<&'static str> {
         }
         (Out::Delivered(d), _) if !d.is_empty() => "delivery",
         (Out::Acked, _) => "ack",
+        (Out::AckedBatch(o), _) if o.iter().any(Option::is_none) => "ack batch",
         (Out::Err(Code::FailedPrecondition), Step::Delete(_)) => {
             "topic in use as a dead-letter topic"
         }
@@ -787,12 +815,14 @@ struct Run {
     held: BTreeMap<String, u64>,
     /// How often each rule was reached (see [`RULES`]).
     reached: BTreeMap<&'static str, u64>,
+    /// The message ids of the AckBatch being applied, in receipt order.
+    batch_ids: Vec<String>,
 }
 
 /// The rules a useful sequence reaches (results classified by [`rule_reached`], plus the
 /// model's events); `generated_sequences_reach_every_rule` checks that the generators still
 /// reach them all, so the property cannot quietly become vacuous.
-const RULES: [&str; 16] = [
+const RULES: [&str; 17] = [
     "publish",
     "publish deduplicated",
     "publish over a retention limit",
@@ -801,6 +831,7 @@ const RULES: [&str; 16] = [
     "redelivery after a timeout or nack",
     "ordering key held a message back",
     "ack",
+    "ack batch",
     "stale receipt",
     "nack",
     "max_deliveries_nacked",
@@ -820,6 +851,7 @@ impl Run {
             published: BTreeSet::new(),
             held: BTreeMap::new(),
             reached: BTreeMap::new(),
+            batch_ids: Vec::new(),
         }
     }
 
@@ -883,6 +915,20 @@ impl Run {
             Step::Ack(pick, mode) => {
                 let (t, id, att) = self.receipt(pick, mode);
                 (ack(&t, &id, att), Box::new(move |m, _| m.ack(&t, &id, att)))
+            }
+            Step::AckBatch(picks) => {
+                let receipts: Vec<(String, String, u32)> =
+                    picks.into_iter().map(|(p, m)| self.receipt(p, m)).collect();
+                let topic = receipts[0].0.clone();
+                let pairs: Vec<(String, u32)> =
+                    receipts.into_iter().map(|(_, id, att)| (id, att)).collect();
+                self.batch_ids = pairs.iter().map(|(id, _)| id.clone()).collect();
+                let refs: Vec<(&str, u32)> =
+                    pairs.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+                (
+                    ack_batch(&topic, &refs),
+                    Box::new(move |m, _| m.ack_batch(&topic, &pairs)),
+                )
             }
             Step::Nack(pick, mode, delay) => {
                 let (t, id, att) = self.receipt(pick, mode);
@@ -962,6 +1008,13 @@ impl Run {
             (Out::Acked | Out::Nacked(_), _) => {
                 if let Some(id) = receipt_id {
                     self.held.remove(&id);
+                }
+            }
+            (Out::AckedBatch(outcomes), Step::AckBatch(_)) => {
+                for (id, outcome) in self.batch_ids.drain(..).zip(outcomes) {
+                    if outcome.is_none() {
+                        self.held.remove(&id);
+                    }
                 }
             }
             _ => {}

@@ -119,6 +119,17 @@ pub fn ack(topic: &str, id: &str, attempt: u32) -> Op {
     })
 }
 
+/// AckBatch of `(message id, attempt)` receipts.
+pub fn ack_batch(topic: &str, receipts: &[(&str, u32)]) -> Op {
+    Op::AckBatch(ipb::QueueAckBatch {
+        topic: topic.into(),
+        receipts: receipts
+            .iter()
+            .filter_map(|&(id, attempt)| receipt(id, attempt))
+            .collect(),
+    })
+}
+
 /// Nack.
 pub fn nack(topic: &str, id: &str, attempt: u32, delay_ms: u64) -> Op {
     Op::Nack(ipb::QueueNack {

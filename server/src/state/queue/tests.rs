@@ -599,6 +599,65 @@ fn ack_deletes_the_message() {
 }
 
 #[test]
+fn an_ack_batch_acks_each_receipt_on_its_own_and_reports_each_outcome() {
+    let (mut h, stale) = redelivered();
+    let ids = h.publish("t", vec![entry("b"), entry("c"), entry("d")]);
+    h.deliver("t", 3, 0);
+    let receipts = [
+        (ids[0].as_str(), 1),
+        (stale.as_str(), 1),
+        ("no-such-id", 1),
+        (ids[1].as_str(), 0),
+        (ids[0].as_str(), 1),
+    ];
+    let R::AckBatch(r) = h.ok(ack_batch("t", &receipts)) else {
+        panic!()
+    };
+    let codes: Vec<Option<i32>> = r
+        .outcomes
+        .iter()
+        .map(|o| o.error.as_ref().map(|e| e.code))
+        .collect();
+    use Code as E;
+    assert_eq!(
+        codes,
+        [
+            None,
+            Some(E::FailedPrecondition as i32),
+            Some(E::NotFound as i32),
+            None,
+            Some(E::NotFound as i32),
+        ],
+        "acked, stale, unknown, acked by attempt 0, already acked by this batch"
+    );
+    assert!(h.state.message("t", &ids[0]).is_none());
+    assert!(h.state.message("t", &ids[1]).is_none());
+    assert!(h.state.message("t", &ids[2]).is_some(), "not in the batch");
+    assert!(
+        h.state.message("t", &stale).is_some(),
+        "the stale receipt's message stays"
+    );
+    assert_eq!(h.stats("t").totals.unwrap().acked, 2);
+}
+
+#[test]
+fn an_ack_batch_that_is_empty_too_large_or_for_a_missing_topic_changes_nothing() {
+    let mut h = with_topic();
+    let id = h.publish("t", vec![entry("a")]).remove(0);
+    h.deliver("t", 1, 0);
+    assert_eq!(h.err(ack_batch("t", &[])), Code::InvalidArgument);
+    let many: Vec<(&str, u32)> = (0..=MAX_ACK_BATCH).map(|_| (id.as_str(), 1)).collect();
+    assert_eq!(h.err(ack_batch("t", &many)), Code::InvalidArgument);
+    assert_eq!(h.err(ack_batch("t", &[("", 1)])), Code::InvalidArgument);
+    assert_eq!(
+        h.err(ack_batch("nope", &[(id.as_str(), 1)])),
+        Code::NotFound
+    );
+    assert!(h.state.message("t", &id).is_some());
+    assert_eq!(h.stats("t").in_flight, 1);
+}
+
+#[test]
 fn a_stale_receipt_is_refused_after_redelivery() {
     let (mut h, id) = redelivered();
     for op in [
