@@ -126,7 +126,9 @@ async fn bench_locks_uncontended_and_contended_report_json_and_clean_up() {
 /// gone afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_queue_modes_beside_redis_account_for_every_message_and_clean_up() {
-    let redis = common::redis::RedisServer::start().expect("redis-server");
+    let redis = sync_tests::redis::RedisServer::start()
+        .await
+        .expect("redis-server");
     let url = redis.url();
     scenario(3, Options::default(), LONG_LIMIT, async |c| {
         c.wait_for_leader(Duration::from_secs(10)).await?;
@@ -183,8 +185,8 @@ async fn bench_queue_modes_beside_redis_account_for_every_message_and_clean_up()
         let topics = syncctl_json(c, &["queue", "list", "syncctl-bench-"]).await?;
         let left = topics["topics"].as_array().context("no topics list")?;
         ensure!(left.is_empty(), "topics left behind: {topics}");
-        let keys = redis.command("DBSIZE")?;
-        ensure!(keys.trim() == ":0", "streams left behind in Redis: {keys}");
+        let keys = redis.cli(&["DBSIZE"]).await?;
+        ensure!(keys == "0", "streams left behind in Redis: {keys}");
         Ok(())
     })
     .await;
@@ -194,7 +196,9 @@ async fn bench_queue_modes_beside_redis_account_for_every_message_and_clean_up()
 /// really miss, the write comes with its plain-Raft-write reference, and the keys are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_cache_hits_misses_and_shared_writes_beside_redis() {
-    let redis = common::redis::RedisServer::start().expect("redis-server");
+    let redis = sync_tests::redis::RedisServer::start()
+        .await
+        .expect("redis-server");
     let url = redis.url();
     scenario(3, Options::default(), LONG_LIMIT, async |c| {
         c.wait_for_leader(Duration::from_secs(10)).await?;
@@ -250,8 +254,8 @@ async fn bench_cache_hits_misses_and_shared_writes_beside_redis() {
         )
         .await?;
         ensure!(err.contains("needs 4 nodes"), "{err}");
-        let keys = redis.command("DBSIZE")?;
-        ensure!(keys.trim() == ":0", "keys left behind in Redis: {keys}");
+        let keys = redis.cli(&["DBSIZE"]).await?;
+        ensure!(keys == "0", "keys left behind in Redis: {keys}");
         Ok(())
     })
     .await;

@@ -2,8 +2,6 @@
 //! its JSON, checking its one-line failures.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
-pub mod redis;
-
 use std::process::{Output, Stdio};
 
 use anyhow::{Context, ensure};
