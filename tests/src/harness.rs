@@ -493,7 +493,7 @@ impl Cluster {
             .context("cannot create the cluster's temporary directory")?;
         let mut nodes = BTreeMap::new();
         for id in 1..=size as u64 {
-            let (listen, metrics) = (free_port()?, free_port()?);
+            let (listen, metrics) = free_pair()?;
             nodes.insert(
                 id,
                 Node {
@@ -765,7 +765,7 @@ impl Cluster {
                     )
                 }
                 Started::PortTaken => {
-                    let (listen, metrics) = (free_port()?, free_port()?);
+                    let (listen, metrics) = free_pair()?;
                     self.note(format!(
                         "node {id}: a port was taken (attempt {attempt}); moving to {listen}, \
                          metrics {metrics}"
@@ -961,7 +961,7 @@ impl Cluster {
             !self.nodes.contains_key(&id),
             "node {id} exists already; ids are never reused"
         );
-        let (listen, metrics) = (free_port()?, free_port()?);
+        let (listen, metrics) = free_pair()?;
         let mut members: Vec<String> = self
             .nodes
             .values()
@@ -992,7 +992,7 @@ impl Cluster {
         match self.started(id).await? {
             Started::Up => Ok(self.node(id).listen.to_string()),
             Started::PortTaken => {
-                let (listen, metrics) = (free_port()?, free_port()?);
+                let (listen, metrics) = free_pair()?;
                 let node = self.node_mut(id);
                 node.listen = listen;
                 node.metrics = metrics;
@@ -1342,6 +1342,18 @@ pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind a loopback port")?;
     Ok(listener.local_addr()?)
+}
+
+/// Two distinct loopback addresses (a node's gRPC and metrics ports). Both listeners are held
+/// while the second is chosen, so the OS cannot hand out one port twice: two separate
+/// [`free_port`] calls could, and the node then refuses to start ("--metrics-listen must
+/// differ from --listen"), which no move to another port repairs.
+fn free_pair() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let first = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("cannot bind a loopback port")?;
+    let second = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("cannot bind a loopback port")?;
+    Ok((first.local_addr()?, second.local_addr()?))
 }
 
 /// Makes the child get SIGKILL when the thread that spawned it dies, so that even a test process
