@@ -8,7 +8,7 @@ use bytes::Bytes;
 use sync_tests::redis::RedisServer;
 use syncd::cache::Stored;
 use syncd::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
-use syncd::cache::message::{Mutation, Write, WriteResult};
+use syncd::cache::message::{Mutation, Write, WriteResult, WriteTag};
 use syncd::node::cache::redis_memory::{RedisMemory, WriteAnswer};
 
 /// A running Redis and a node's memory client connected to it.
@@ -28,6 +28,7 @@ fn set(key: &str, value: &str, expect: Option<u64>) -> MemoryOp {
                 ttl_ms: None,
             },
             expect,
+            tag: None,
         },
     }
 }
@@ -38,6 +39,7 @@ fn delete(key: &str) -> MemoryOp {
         write: Write {
             mutation: Mutation::Delete,
             expect: None,
+            tag: None,
         },
     }
 }
@@ -157,6 +159,74 @@ async fn a_replayed_write_id_answers_its_first_result_without_writing_again() {
     assert_eq!(next, v + 1, "the replay took no version");
 }
 
+/// `op` (a write) tagged as request `sequence` of client 42.
+fn tagged(op: MemoryOp, sequence: u64, lowest_unacked: u64) -> MemoryOp {
+    match op {
+        MemoryOp::Write { key, mut write } => {
+            write.tag = Some(WriteTag {
+                client_id: 42,
+                sequence,
+                lowest_unacked,
+            });
+            MemoryOp::Write { key, write }
+        }
+        read => read,
+    }
+}
+
+#[tokio::test]
+async fn a_retried_client_write_is_applied_once_even_after_another_write_and_from_another_node() {
+    let (redis, m) = memory().await;
+    let first = run(&m, 1, 1, tagged(set("k", "a", None), 5, 1)).await;
+    let Ok(MemoryReply::Written(WriteResult::Applied { version: v1, .. })) = first else {
+        panic!("{first:?}")
+    };
+    let (v2, _) = applied(&m, 1, 2, set("k", "b", None)).await;
+    // The retry comes through another node (another memory client, other request ids): the
+    // first result as a duplicate, and the newer value stays.
+    let other = RedisMemory::connect(&redis.url(), "test", 2).expect("client");
+    assert!(other.wait_connected(Duration::from_secs(10)).await);
+    let retry = run(&other, 1, 1, tagged(set("k", "a", None), 5, 1)).await;
+    assert_eq!(
+        retry,
+        Ok(MemoryReply::Duplicate(WriteResult::Applied {
+            version: v1,
+            existed: false
+        }))
+    );
+    assert_eq!(stored(&m, 1, 3, "k").await.version, v2);
+    assert_eq!(stored(&m, 1, 4, "k").await.value, Some(Bytes::from("b")));
+    // A retried CompareAndSet gets its own first answer, not a mismatch against itself.
+    let cas = tagged(set("k", "c", Some(v2)), 6, 1);
+    let first_cas = run(&m, 1, 5, cas.clone()).await;
+    let Ok(MemoryReply::Written(r @ WriteResult::Applied { .. })) = first_cas else {
+        panic!("{first_cas:?}")
+    };
+    assert_eq!(run(&other, 1, 2, cas).await, Ok(MemoryReply::Duplicate(r)));
+    // Once the client says it has every answer below 7, a retry of 5 is refused as expired
+    // (never applied again), and a new sequence applies.
+    let (_, _) = applied(&m, 1, 6, tagged(set("j", "x", None), 7, 7)).await;
+    let late = run(&m, 1, 7, tagged(set("k", "a", None), 5, 7)).await;
+    assert!(matches!(late, Err(MemoryError::Expired(_))), "{late:?}");
+    assert_eq!(stored(&m, 1, 8, "k").await.value, Some(Bytes::from("c")));
+}
+
+#[tokio::test]
+async fn a_tagged_write_refused_for_a_stale_epoch_is_not_remembered_and_its_retry_applies() {
+    let (_redis, m) = memory().await;
+    let _ = applied(&m, 3, 1, set("other", "x", None)).await;
+    let stale = run(&m, 2, 2, tagged(set("k", "a", None), 1, 1)).await;
+    assert!(
+        matches!(stale, Err(MemoryError::Unavailable(_))),
+        "{stale:?}"
+    );
+    let retry = run(&m, 3, 3, tagged(set("k", "a", None), 1, 1)).await;
+    assert!(
+        matches!(retry, Ok(MemoryReply::Written(WriteResult::Applied { .. }))),
+        "{retry:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_resolved_write_is_answered_with_its_result_and_a_cancelled_one_never_applies() {
     let (_redis, m) = memory().await;
@@ -191,6 +261,7 @@ async fn memory_stamps_the_ttl_and_an_expired_value_reads_as_absent_with_its_ver
                 ttl_ms: Some(300),
             },
             expect: None,
+            tag: None,
         },
     };
     let (v, _) = applied(&m, 1, 1, op).await;

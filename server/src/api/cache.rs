@@ -15,12 +15,13 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use super::deadline_of;
-use crate::cache::message::{Mutation, Write, WriteResult};
+use crate::cache::message::{Mutation, Write, WriteResult, WriteTag};
 use crate::cache::node::{InvalidationReason, Read};
 use crate::cache::{CacheError, LineState};
 use crate::node::NodeHandle;
 use crate::node::cache::{CacheHandle, MemoryBackend};
 use crate::node::driver::now_unix_ms;
+use crate::raft::rng::SplitMix64;
 
 /// Most keys in a GetMany or SetMany.
 pub const MAX_KEYS: usize = 1000;
@@ -41,6 +42,7 @@ pub fn status_of(e: CacheError) -> Status {
         CacheError::ResourceExhausted(_) => Status::resource_exhausted(message),
         CacheError::Unavailable(_) => Status::unavailable(message),
         CacheError::Timeout(_) => Status::deadline_exceeded(message),
+        CacheError::Expired(_) => Status::aborted(message),
     }
 }
 
@@ -84,14 +86,39 @@ fn get_response(key: String, r: Read) -> api::CacheGetResponse {
     }
 }
 
-fn set(value: Bytes, ttl_ms: u64, expect: Option<u64>) -> Write {
+fn set(value: Bytes, ttl_ms: u64, expect: Option<u64>, tag: Option<WriteTag>) -> Write {
     Write {
         mutation: Mutation::Set {
             value,
             ttl_ms: (ttl_ms > 0).then_some(ttl_ms),
         },
         expect,
+        tag,
     }
+}
+
+/// The de-duplication tag of a write's request header (none without a client id).
+fn tag_of(header: Option<api::RequestHeader>) -> Option<WriteTag> {
+    header.filter(|h| h.client_id != 0).map(|h| WriteTag {
+        client_id: h.client_id,
+        sequence: h.sequence,
+        lowest_unacked: h.lowest_unacked,
+    })
+}
+
+/// The tag of entry `index` of a SetMany sent with `tag`. A SetMany is several writes, each
+/// de-duplicated on its own, under one request header; each entry is therefore tagged as
+/// request `index + 1` of a client of its own, whose id is derived from the header's client and
+/// sequence (so every node derives the same one, and a retry of the call the same ones).
+fn set_many_entry_tag(tag: Option<WriteTag>, index: usize) -> Option<WriteTag> {
+    tag.map(|t| {
+        let mix = SplitMix64(t.client_id ^ t.sequence.rotate_left(32)).next_u64();
+        WriteTag {
+            client_id: mix.max(1),
+            sequence: index as u64 + 1,
+            lowest_unacked: 0,
+        }
+    })
 }
 
 /// The version of an applied write; a mismatch cannot answer a plain Set.
@@ -122,7 +149,7 @@ impl api::cache_server::Cache for CacheService {
     ) -> Result<Response<api::CacheSetResponse>, Status> {
         let deadline = deadline_of(request.metadata());
         let req = request.into_inner();
-        let write = set(req.value, req.ttl_ms, None);
+        let write = set(req.value, req.ttl_ms, None, tag_of(req.header));
         let r = within(deadline, self.cache.write(req.key, write)).await?;
         Ok(Response::new(api::CacheSetResponse {
             version: applied_version(r)?,
@@ -138,6 +165,7 @@ impl api::cache_server::Cache for CacheService {
         let write = Write {
             mutation: Mutation::Delete,
             expect: None,
+            tag: tag_of(req.header),
         };
         match within(deadline, self.cache.write(req.key, write)).await? {
             WriteResult::Applied { version, existed } => {
@@ -156,7 +184,12 @@ impl api::cache_server::Cache for CacheService {
     ) -> Result<Response<api::CompareAndSetResponse>, Status> {
         let deadline = deadline_of(request.metadata());
         let req = request.into_inner();
-        let write = set(req.value, req.ttl_ms, Some(req.expected_version));
+        let write = set(
+            req.value,
+            req.ttl_ms,
+            Some(req.expected_version),
+            tag_of(req.header),
+        );
         let (success, version) = match within(deadline, self.cache.write(req.key, write)).await? {
             WriteResult::Applied { version, .. } => (true, version),
             WriteResult::Mismatch { current } => (false, current),
@@ -199,7 +232,8 @@ impl api::cache_server::Cache for CacheService {
         request: Request<api::SetManyRequest>,
     ) -> Result<Response<api::SetManyResponse>, Status> {
         let deadline = deadline_of(request.metadata());
-        let entries = request.into_inner().entries;
+        let req = request.into_inner();
+        let (entries, tag) = (req.entries, tag_of(req.header));
         if entries.is_empty() || entries.len() > MAX_KEYS {
             return Err(Status::invalid_argument(format!(
                 "SetMany takes 1 to {MAX_KEYS} entries, not {}",
@@ -209,11 +243,9 @@ impl api::cache_server::Cache for CacheService {
         // In request order, one at a time, as documented (not atomic).
         let writes = async {
             let mut versions = Vec::with_capacity(entries.len());
-            for e in entries {
-                let r = self
-                    .cache
-                    .write(e.key, set(e.value, e.ttl_ms, None))
-                    .await?;
+            for (i, e) in entries.into_iter().enumerate() {
+                let write = set(e.value, e.ttl_ms, None, set_many_entry_tag(tag, i));
+                let r = self.cache.write(e.key, write).await?;
                 versions.push(r);
             }
             Ok(versions)

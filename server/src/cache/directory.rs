@@ -264,7 +264,10 @@ impl Directory {
         let Some(op) = self.keys.get_mut(&key).and_then(|e| e.active.take()) else {
             return;
         };
-        let result = result.map_err(|e| CacheError::Unavailable(e.to_string()));
+        let result = result.map_err(|e| match e {
+            MemoryError::Unavailable(_) => CacheError::Unavailable(e.to_string()),
+            MemoryError::Expired(why) => CacheError::Expired(why),
+        });
         let granted = |d: &mut Self, state| {
             let live = op.session.is_some() && d.leases.live_session(op.from, now) == op.session;
             (op.may_grant && live).then(|| d.grant(&key, op.from, state))
@@ -307,6 +310,15 @@ impl Directory {
                     line,
                 }
             }
+            // A retry of a write memory had applied: every other holder was invalidated, as
+            // for any write, but the writer gets no line. The write's value may have been
+            // overwritten since its first application, and its result names that first
+            // version, so a line of it could be stale.
+            (OpKind::Write { .. }, Ok(MemoryReply::Duplicate(result))) => ToNode::WriteDone {
+                req: op.req,
+                result: Ok(result),
+                line: None,
+            },
             (OpKind::Fill, result) => ToNode::FillReply {
                 req: op.req,
                 result: result.and_then(|_| Err(mismatched_reply())),

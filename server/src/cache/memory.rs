@@ -68,6 +68,11 @@ pub enum MemoryReply {
     Read(Stored),
     /// The answer to a write.
     Written(WriteResult),
+    /// A write whose tag memory had already applied: nothing changed now, and the result is
+    /// the first application's. The directory must not hand the writer a line for it: the
+    /// write's value may have been overwritten since, so memory's current version is not the
+    /// write's.
+    Duplicate(WriteResult),
 }
 
 /// Why a memory request failed. Whatever the reason, it did not take effect and never will.
@@ -77,4 +82,8 @@ pub enum MemoryError {
     /// epoch; Redis: connection refused).
     #[error("memory unavailable: {0}")]
     Unavailable(String),
+    /// A tagged write whose tag is older than what memory remembers: memory cannot tell
+    /// whether it was applied, so it refuses it (never applying a write twice).
+    #[error("{0}")]
+    Expired(String),
 }

@@ -61,6 +61,20 @@ pub enum Mutation {
     Delete,
 }
 
+/// The client's tag on a write (its request header): memory applies a tagged write at most
+/// once, and answers a retry with what the first application answered
+/// ([`crate::cache::memory::MemoryReply::Duplicate`]). The protocol only carries it: every
+/// decision about it is memory's, made atomically with the write itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriteTag {
+    /// The client (never 0).
+    pub client_id: u64,
+    /// The request's number; a retry reuses it.
+    pub sequence: u64,
+    /// Every request of the client below this one was answered: memory may forget them.
+    pub lowest_unacked: u64,
+}
+
 /// A write: the mutation and, for CompareAndSet, the version the key must have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Write {
@@ -68,6 +82,8 @@ pub struct Write {
     pub mutation: Mutation,
     /// `Some(v)`: only if the key's version is `v` (0: only if it does not exist).
     pub expect: Option<Version>,
+    /// The client's tag, if it sent one: a retry with the same tag is applied once.
+    pub tag: Option<WriteTag>,
 }
 
 /// The outcome of a write that memory answered.

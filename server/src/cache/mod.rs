@@ -132,6 +132,10 @@ pub enum CacheError {
     /// No answer in time (DEADLINE_EXCEEDED): a write may or may not have happened.
     #[error("deadline exceeded: {0}")]
     Timeout(String),
+    /// A retried write whose request header is older than memory's de-duplication record
+    /// (ABORTED): it was not applied now, and whether its first attempt was is unknown.
+    #[error("aborted: {0}")]
+    Expired(String),
 }
 
 /// Settings shared by nodes and the directory. Times are in milliseconds.

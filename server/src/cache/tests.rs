@@ -40,6 +40,7 @@ fn set(value: &str) -> Write {
             ttl_ms: None,
         },
         expect: None,
+        tag: None,
     }
 }
 
@@ -193,6 +194,7 @@ fn uncached(w: &mut World, node: u64, key: &str) -> u64 {
     let version = write_ok(w, node, key, set("v"));
     let cas = Write {
         expect: Some(version + 1000),
+        tag: None,
         ..set("never")
     };
     let op = w.start_write(node, key, cas).expect("invariants hold");
@@ -257,6 +259,7 @@ fn versions_strictly_increase_per_key_deletions_included() {
     let delete = Write {
         mutation: Mutation::Delete,
         expect: None,
+        tag: None,
     };
     let d = write_ok(&mut w, 2, "k", delete);
     let b = write_ok(&mut w, 1, "k", set("b"));
@@ -267,6 +270,7 @@ fn versions_strictly_increase_per_key_deletions_included() {
     let delete = Write {
         mutation: Mutation::Delete,
         expect: None,
+        tag: None,
     };
     let d = write_ok(&mut w, 1, "k", delete);
     assert_eq!(serving(&w, 1, "k"), LineState::Invalid);
@@ -279,6 +283,7 @@ fn compare_and_set_writes_only_on_the_expected_version() {
     let v = write_ok(&mut w, 1, "k", set("a"));
     let stale = Write {
         expect: Some(v - 1),
+        tag: None,
         ..set("b")
     };
     let op = w.start_write(2, "k", stale).expect("ok");
@@ -288,6 +293,7 @@ fn compare_and_set_writes_only_on_the_expected_version() {
     );
     let fresh = Write {
         expect: Some(v),
+        tag: None,
         ..set("c")
     };
     let v2 = write_ok(&mut w, 2, "k", fresh);
@@ -476,6 +482,7 @@ fn a_line_past_its_ttl_is_a_miss() {
             ttl_ms: Some(30),
         },
         expect: None,
+        tag: None,
     };
     write_ok(&mut w, 1, "k", write);
     assert!(read(&mut w, 1, "k").2);
@@ -498,6 +505,7 @@ fn a_value_over_the_maximum_size_is_an_invalid_argument_and_one_over_the_capacit
             ttl_ms: None,
         },
         expect: None,
+        tag: None,
     };
     assert!(matches!(
         n.write(1, 1, "k", big(51)),

@@ -122,6 +122,7 @@ impl CacheMemory {
             current_version: index,
             existed,
             refused: String::new(),
+            duplicate: false,
         }
     }
 
@@ -173,6 +174,7 @@ mod tests {
                 ttl_ms,
             })),
             expect_version: expect,
+            tag: None,
         }
     }
 
@@ -182,6 +184,7 @@ mod tests {
             epoch: 1,
             mutation: Some(ipb::cache_write::Mutation::Delete(ipb::CacheDelete {})),
             expect_version: None,
+            tag: None,
         }
     }
 

@@ -224,13 +224,18 @@ impl ReplicatedState {
             Some(request) => match self.dedup.check(&request) {
                 Dedup::Apply => {
                     let result = self.execute(entry, command, Some(&request));
-                    self.dedup
-                        .record(&request, entry.index, Bytes::from(result.encode_to_vec()));
+                    if !refused_cache_write(&result) {
+                        self.dedup.record(
+                            &request,
+                            entry.index,
+                            Bytes::from(result.encode_to_vec()),
+                        );
+                    }
                     Applied::Result(result)
                 }
-                Dedup::Duplicate(encoded) => Applied::Result(
+                Dedup::Duplicate(encoded) => Applied::Result(mark_duplicate(
                     ipb::CommandResult::decode(encoded.as_ref()).unwrap_or_default(),
-                ),
+                )),
                 Dedup::Expired => Applied::Expired,
             },
             None => Applied::Result(self.execute(entry, command, None)),
@@ -411,6 +416,25 @@ impl ReplicatedState {
     }
 }
 
+/// A cache write refused outright (a stale epoch) changed nothing and is not remembered, so
+/// that its retry, sent by the next directory, can still apply.
+fn refused_cache_write(result: &ipb::CommandResult) -> bool {
+    matches!(
+        &result.result,
+        Some(ipb::command_result::Result::CacheWrite(w)) if !w.refused.is_empty()
+    )
+}
+
+/// A remembered result given to a retry. A cache write's says so: the cache directory must not
+/// hand the writer a line for it (its value may have been overwritten since). Other commands'
+/// results are the same for a retry as for the first attempt.
+fn mark_duplicate(mut result: ipb::CommandResult) -> ipb::CommandResult {
+    if let Some(ipb::command_result::Result::CacheWrite(w)) = &mut result.result {
+        w.duplicate = true;
+    }
+    result
+}
+
 /// What a successful queue result did to how many messages, for metrics.
 fn queue_applied(result: &ipb::QueueResult) -> Option<(&'static str, u64)> {
     use ipb::queue_result::Result as Q;
@@ -471,6 +495,71 @@ mod tests {
         assert_eq!(first, retry);
         assert_eq!(s.kv().get(b"k").unwrap().value, Bytes::from("v1"));
         assert_eq!(s.applied_index(), 2);
+    }
+
+    /// A cache write of `value` to `k` by the directory of `epoch`, in an entry of `term`,
+    /// tagged as request `sequence` of client 9.
+    fn cache_entry(index: u64, term: u64, epoch: u64, value: &str, sequence: u64) -> pb::Entry {
+        pb::Entry {
+            term,
+            index,
+            entry_type: pb::EntryType::Normal as i32,
+            data: encode_command(
+                Op::CacheWrite(ipb::CacheWrite {
+                    key: "k".into(),
+                    epoch,
+                    mutation: Some(ipb::cache_write::Mutation::Set(ipb::CacheSet {
+                        value: Bytes::from(value.to_string()),
+                        ttl_ms: None,
+                    })),
+                    expect_version: None,
+                    tag: None,
+                }),
+                0,
+            ),
+            request: Some(pb::RequestId {
+                client_id: 9,
+                sequence,
+                lowest_unacked: 1,
+            }),
+        }
+    }
+
+    fn cache_result(a: Applied) -> ipb::CacheWriteResult {
+        match a {
+            Applied::Result(ipb::CommandResult {
+                result: Some(ipb::command_result::Result::CacheWrite(w)),
+            }) => w,
+            other => panic!("not a cache write result: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retried_cache_write_is_applied_once_and_its_answer_says_it_is_a_duplicate() {
+        let mut s = ReplicatedState::default();
+        let first = cache_result(s.apply(&cache_entry(1, 1, 1, "a", 1)));
+        assert!(first.applied && !first.duplicate && first.version == 1);
+        let other = cache_result(s.apply(&cache_entry(2, 1, 1, "b", 2)));
+        assert_eq!(other.version, 2);
+        let retry = cache_result(s.apply(&cache_entry(3, 1, 1, "a", 1)));
+        assert!(retry.duplicate, "{retry:?}");
+        assert_eq!((retry.applied, retry.version), (true, 1));
+        let now = s.cache_memory().read("k", 0);
+        assert_eq!((now.version, now.value), (2, Some(Bytes::from("b"))));
+    }
+
+    #[test]
+    fn a_cache_write_refused_for_its_epoch_is_not_remembered_so_its_retry_applies() {
+        let mut s = ReplicatedState::default();
+        // Proposed by the directory of epoch 1, committed in term 2: refused.
+        let refused = cache_result(s.apply(&cache_entry(1, 2, 1, "a", 1)));
+        assert!(!refused.refused.is_empty());
+        // The retry, through the directory of epoch 2, applies.
+        let retry = cache_result(s.apply(&cache_entry(2, 2, 2, "a", 1)));
+        assert!(
+            retry.applied && !retry.duplicate && retry.version == 2,
+            "{retry:?}"
+        );
     }
 
     #[test]

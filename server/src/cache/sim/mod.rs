@@ -748,7 +748,15 @@ impl World {
             1 => self.memory.version(&key),
             _ => self.memory.version(&key).saturating_sub(1),
         });
-        self.client_write(node, &key, Write { mutation, expect })?;
+        self.client_write(
+            node,
+            &key,
+            Write {
+                mutation,
+                expect,
+                tag: None,
+            },
+        )?;
         Ok(())
     }
 
@@ -1051,6 +1059,7 @@ impl World {
                 Write {
                     mutation,
                     expect: None,
+                    tag: None,
                 },
             )?;
             let version = match self.wait_inner(op, patience)? {

@@ -4,6 +4,7 @@
 //! goes unanswered here.
 
 use sync_proto::internal::v1 as ipb;
+use sync_proto::raft::v1 as rpb;
 
 use super::wire;
 use crate::cache::memory::{MemoryError, MemoryOp, MemoryReply, MemoryRequest};
@@ -25,8 +26,19 @@ pub async fn run(
                 .map_err(|e| MemoryError::Unavailable(e.to_string())),
         ),
         MemoryOp::Write { key, write } => {
-            let cmd = wire::write_to_pb(&key, &write, req.epoch);
-            written(node.propose(ipb::command::Op::CacheWrite(cmd), None).await)
+            // The tag rides as the entry's request id, so the state machine's client table
+            // applies the write once, as it does every other tagged command.
+            let request = write.tag.map(|t| rpb::RequestId {
+                client_id: t.client_id,
+                sequence: t.sequence,
+                lowest_unacked: t.lowest_unacked,
+            });
+            let mut cmd = wire::write_to_pb(&key, &write, req.epoch);
+            cmd.tag = None;
+            written(
+                node.propose(ipb::command::Op::CacheWrite(cmd), request)
+                    .await,
+            )
         }
     }
 }
@@ -43,17 +55,27 @@ fn written(r: Result<(u64, Applied), NodeError>) -> Option<Result<MemoryReply, M
             }),
         )) => {
             if !w.refused.is_empty() {
-                refused(w.refused)
-            } else if w.applied {
-                Some(Ok(MemoryReply::Written(WriteResult::Applied {
+                return refused(w.refused);
+            }
+            let result = if w.applied {
+                WriteResult::Applied {
                     version: w.version,
                     existed: w.existed,
-                })))
+                }
             } else {
-                Some(Ok(MemoryReply::Written(WriteResult::Mismatch {
+                WriteResult::Mismatch {
                     current: w.current_version,
-                })))
-            }
+                }
+            };
+            Some(Ok(if w.duplicate {
+                MemoryReply::Duplicate(result)
+            } else {
+                MemoryReply::Written(result)
+            }))
+        }
+        // Too old for the client table: refused, never applied twice.
+        Ok((_, Applied::Expired)) => {
+            Some(Err(MemoryError::Expired(NodeError::Expired.to_string())))
         }
         // Applied, but not as a cache write (a command that did not decode): nothing changed.
         Ok((_, other)) => refused(format!("the cache write was not applied: {other:?}")),
@@ -91,7 +113,7 @@ mod tests {
             written(Ok((3, Applied::Result(refused)))),
             Some(Err(_))
         ));
-        let applied = ipb::CommandResult {
+        let applied = |duplicate| ipb::CommandResult {
             result: Some(ipb::command_result::Result::CacheWrite(
                 ipb::CacheWriteResult {
                     applied: true,
@@ -99,15 +121,25 @@ mod tests {
                     current_version: 3,
                     existed: false,
                     refused: String::new(),
+                    duplicate,
                 },
             )),
         };
+        let first = WriteResult::Applied {
+            version: 3,
+            existed: false,
+        };
         assert_eq!(
-            written(Ok((3, Applied::Result(applied)))),
-            Some(Ok(MemoryReply::Written(WriteResult::Applied {
-                version: 3,
-                existed: false
-            })))
+            written(Ok((3, Applied::Result(applied(false))))),
+            Some(Ok(MemoryReply::Written(first)))
         );
+        assert_eq!(
+            written(Ok((9, Applied::Result(applied(true))))),
+            Some(Ok(MemoryReply::Duplicate(first)))
+        );
+        assert!(matches!(
+            written(Ok((9, Applied::Expired))),
+            Some(Err(MemoryError::Expired(_)))
+        ));
     }
 }

@@ -18,6 +18,10 @@
 //! - **idempotence**: a write carries an id `<node>:<incarnation>:<epoch>:<memop id>`. Its
 //!   result is recorded at `<prefix>done:<id>` (10 minutes) in the same script, and a replay of
 //!   the id answers that result without writing again;
+//! - **client retries**: a write sent with a request header ([`crate::cache::message::WriteTag`])
+//!   is also recorded in its client's record `<prefix>client:<id>`, like the replicated state's
+//!   client table: a retry of the header, through any node, answers the first result as a
+//!   duplicate and writes nothing (see [`WRITE`]);
 //! - **ambiguity** (contract rule 3): when a write may have reached Redis but its answer was lost
 //!   (timeout, connection dropped), the shell does not answer. It runs [`RESOLVE`] for the id
 //!   until Redis answers: the recorded result if the write happened, else the id is recorded as
@@ -45,6 +49,10 @@ use crate::cache::{Epoch, Stored};
 /// How long a write's result (or its cancellation) is remembered for replays. A request still
 /// in flight after this long is not a real risk: every command has [`COMMAND_TIMEOUT`].
 pub const DONE_TTL: Duration = Duration::from_secs(600);
+
+/// The most write results kept per client, as in the replicated state's client table: past it
+/// the oldest is released (its retries are then refused as expired, never applied twice).
+pub const CLIENT_RESULTS: usize = 1024;
 
 /// The longest one script may take before its outcome counts as unknown: far above a healthy
 /// Redis's latency, well below the cache's operation timeout so an outage is seen in time.
@@ -81,11 +89,19 @@ if r[3] ~= false then ttl = string.format('%d', tonumber(r[3]) - now) end
 return {'ok', version, ttl, r[1]}
 "#;
 
-/// Answers a replayed id, checks the fence, then writes (Set, Delete, CompareAndSet) and records
-/// the result under the id.
-/// KEYS: record, seq, epoch, done. ARGV: epoch, `set` | `del`, expected version or '',
-/// value, ttl ms or '', done ttl ms.
-/// Returns `stale <newest>`, `cancelled`, `mismatch <current>` or `applied <version> <0|1>`.
+/// Answers a replayed id, checks the fence, answers a retried client request from the client's
+/// record, then writes (Set, Delete, CompareAndSet) and records the result under the id and,
+/// for a tagged write, in the client's record.
+/// KEYS: record, seq, epoch, done, client. ARGV: epoch, `set` | `del`, expected version or '',
+/// value, ttl ms or '', done ttl ms, the tag's sequence or '' (untagged), the tag's lowest
+/// unacked, the most results a client record keeps.
+/// Returns `stale <newest>`, `cancelled`, `expired`, `mismatch <current>`,
+/// `applied <version> <0|1>`, or `duplicate ` and one of the last two.
+///
+/// The client record (`<prefix>client:<id>`, a hash) mirrors the replicated state's client
+/// table: `floor` (sequences below it were released by the client) and one field per
+/// remembered sequence. A request below the floor is `expired`: it may have been applied, so it
+/// is never applied again. The record expires [`DONE_TTL`] after the client's last write.
 pub const WRITE: &str = r#"
 local prior = redis.call('GET', KEYS[4])
 if prior then return prior end
@@ -93,6 +109,30 @@ local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
 local epoch = tonumber(ARGV[1])
 if epoch < fence then return 'stale ' .. string.format('%d', fence) end
 if epoch > fence then redis.call('SET', KEYS[3], ARGV[1]) end
+local tagged = ARGV[7] ~= ''
+if tagged then
+  local seq = tonumber(ARGV[7])
+  local floor = tonumber(redis.call('HGET', KEYS[5], 'floor') or '0')
+  local low = tonumber(ARGV[8])
+  if low > floor then
+    floor = low
+    redis.call('HSET', KEYS[5], 'floor', string.format('%d', floor))
+    for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+      if f ~= 'floor' and tonumber(f) < floor then redis.call('HDEL', KEYS[5], f) end
+    end
+  end
+  local recorded = redis.call('HGET', KEYS[5], ARGV[7])
+  local early
+  if recorded then
+    early = 'duplicate ' .. recorded
+  elseif seq < floor then
+    early = 'expired'
+  end
+  if early then
+    redis.call('SET', KEYS[4], early, 'PX', ARGV[6])
+    return early
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at')
@@ -119,6 +159,21 @@ else
   result = 'applied ' .. string.format('%d', version) .. ' ' .. e
 end
 redis.call('SET', KEYS[4], result, 'PX', ARGV[6])
+if tagged then
+  redis.call('HSET', KEYS[5], ARGV[7], result)
+  if redis.call('HLEN', KEYS[5]) > tonumber(ARGV[9]) + 1 then
+    local oldest
+    for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+      if f ~= 'floor' and (oldest == nil or tonumber(f) < oldest) then oldest = tonumber(f) end
+    end
+    redis.call('HDEL', KEYS[5], string.format('%d', oldest))
+    local floor = tonumber(redis.call('HGET', KEYS[5], 'floor') or '0')
+    if oldest + 1 > floor then
+      redis.call('HSET', KEYS[5], 'floor', string.format('%d', oldest + 1))
+    end
+  end
+  redis.call('PEXPIRE', KEYS[5], ARGV[6])
+end
 return result
 "#;
 
@@ -191,10 +246,20 @@ pub enum WriteAnswer {
     Stale(Epoch),
     /// The id was cancelled by a resolution: the write did not and never will happen.
     Cancelled,
+    /// A retry of a tagged write Redis had applied: nothing changed now; the first result.
+    Duplicate(WriteResult),
+    /// A tagged write older than its client's record: refused, not applied.
+    Expired,
 }
 
 /// Decodes [`WRITE`]'s and [`RESOLVE`]'s answer.
 pub fn decode_write(s: &str) -> Result<WriteAnswer, String> {
+    if let Some(first) = s.strip_prefix("duplicate ") {
+        return match decode_write(first)? {
+            WriteAnswer::Written(w) => Ok(WriteAnswer::Duplicate(w)),
+            _ => Err(format!("malformed write answer {s:?}")),
+        };
+    }
     let mut parts = s.split(' ');
     let number = |p: Option<&str>| p.and_then(|p| p.parse::<u64>().ok());
     let answer = match parts.next() {
@@ -220,6 +285,7 @@ pub fn decode_write(s: &str) -> Result<WriteAnswer, String> {
             None => return Err(format!("malformed write answer {s:?}")),
         },
         Some("cancelled") => WriteAnswer::Cancelled,
+        Some("expired") => WriteAnswer::Expired,
         _ => return Err(format!("unexpected write answer {s:?}")),
     };
     if parts.next().is_some() {
@@ -408,6 +474,12 @@ impl RedisMemory {
                 };
                 Some(match answer {
                     Ok(WriteAnswer::Written(w)) => Ok(MemoryReply::Written(w)),
+                    Ok(WriteAnswer::Duplicate(w)) => Ok(MemoryReply::Duplicate(w)),
+                    Ok(WriteAnswer::Expired) => Err(MemoryError::Expired(format!(
+                        "the write's request header is older than redis at {} remembers for its \
+                         client; it was not applied now (use a new sequence number)",
+                        self.url
+                    ))),
                     Ok(WriteAnswer::Stale(newer)) => {
                         Err(MemoryError::Unavailable(self.stale(req.epoch, newer)))
                     }
@@ -485,6 +557,11 @@ impl RedisMemory {
             format!("{}seq", self.prefix),
             format!("{}epoch", self.prefix),
             done.to_string(),
+            format!(
+                "{}client:{}",
+                self.prefix,
+                write.tag.map_or(0, |t| t.client_id)
+            ),
         ];
         let (kind, value, ttl) = match &write.mutation {
             Mutation::Set { value, ttl_ms } => (
@@ -504,6 +581,11 @@ impl RedisMemory {
             value,
             ttl,
             Value::from(DONE_TTL.as_millis() as i64),
+            write
+                .tag
+                .map_or(Value::from(""), |t| Value::from(t.sequence.to_string())),
+            Value::from(write.tag.map_or(0, |t| t.lowest_unacked).to_string()),
+            Value::from(CLIENT_RESULTS as i64),
         ];
         let v = self.call(&self.write, keys, args).await?;
         Ok(self.write_answer(v))
@@ -605,6 +687,18 @@ mod tests {
         );
         assert_eq!(decode_write("stale 9"), Ok(WriteAnswer::Stale(9)));
         assert_eq!(decode_write("cancelled"), Ok(WriteAnswer::Cancelled));
+        assert_eq!(decode_write("expired"), Ok(WriteAnswer::Expired));
+        assert_eq!(
+            decode_write("duplicate applied 7 0"),
+            Ok(WriteAnswer::Duplicate(WriteResult::Applied {
+                version: 7,
+                existed: false
+            }))
+        );
+        assert_eq!(
+            decode_write("duplicate mismatch 2"),
+            Ok(WriteAnswer::Duplicate(WriteResult::Mismatch { current: 2 }))
+        );
         for bad in [
             "",
             "applied",
@@ -613,6 +707,9 @@ mod tests {
             "mismatch",
             "ok 1",
             "cancelled 1",
+            "duplicate cancelled",
+            "duplicate duplicate applied 1 1",
+            "expired 3",
         ] {
             assert!(decode_write(bad).is_err(), "{bad:?}");
         }

@@ -8,7 +8,7 @@ use sync_proto::internal::v1 as ipb;
 
 use crate::cache::message::{
     Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
-    WriteResult,
+    WriteResult, WriteTag,
 };
 use crate::cache::{CacheError, Epoch, LineState, Stored};
 
@@ -42,6 +42,11 @@ pub fn write_to_pb(key: &str, write: &Write, epoch: Epoch) -> ipb::CacheWrite {
         epoch,
         mutation: Some(mutation),
         expect_version: write.expect,
+        tag: write.tag.map(|t| ipb::WriteTag {
+            client_id: t.client_id,
+            sequence: t.sequence,
+            lowest_unacked: t.lowest_unacked,
+        }),
     }
 }
 
@@ -59,6 +64,11 @@ pub fn write_from_pb(w: ipb::CacheWrite) -> Result<(String, Write), WireError> {
         Write {
             mutation,
             expect: w.expect_version,
+            tag: w.tag.filter(|t| t.client_id != 0).map(|t| WriteTag {
+                client_id: t.client_id,
+                sequence: t.sequence,
+                lowest_unacked: t.lowest_unacked,
+            }),
         },
     ))
 }
@@ -312,6 +322,7 @@ fn failure_to_pb(e: CacheError) -> ipb::CacheFailure {
         CacheError::ResourceExhausted(m) => (Kind::ResourceExhausted, m),
         CacheError::Unavailable(m) => (Kind::Unavailable, m),
         CacheError::Timeout(m) => (Kind::Timeout, m),
+        CacheError::Expired(m) => (Kind::Expired, m),
     };
     ipb::CacheFailure {
         kind: kind as i32,
@@ -326,6 +337,7 @@ fn failure_from_pb(f: ipb::CacheFailure) -> CacheError {
         Ok(Kind::InvalidArgument) => CacheError::InvalidArgument(f.message),
         Ok(Kind::ResourceExhausted) => CacheError::ResourceExhausted(f.message),
         Ok(Kind::Timeout) => CacheError::Timeout(f.message),
+        Ok(Kind::Expired) => CacheError::Expired(f.message),
         _ => CacheError::Unavailable(f.message),
     }
 }
@@ -355,10 +367,16 @@ mod tests {
                 ttl_ms: Some(50),
             },
             expect: Some(9),
+            tag: Some(WriteTag {
+                client_id: 77,
+                sequence: 5,
+                lowest_unacked: 3,
+            }),
         };
         let del = Write {
             mutation: Mutation::Delete,
             expect: None,
+            tag: None,
         };
         let msgs = vec![
             ToHome::LeaseRenew { sent_at: 123 },
