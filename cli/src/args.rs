@@ -79,6 +79,54 @@ pub struct GlobalOpts {
         help_heading = "Global options"
     )]
     pub timeout: Duration,
+
+    /// CA certificate (PEM) to verify the cluster's TLS certificates with; turns TLS on.
+    #[arg(
+        long = "cacert",
+        id = "tls_cacert",
+        env = "SYNC_CACERT",
+        value_name = "PATH",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a cluster started with --client-cert-auth; needs --cert-key.
+    #[arg(
+        long = "cert",
+        id = "tls_cert",
+        env = "SYNC_CERT",
+        value_name = "PATH",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert.
+    #[arg(
+        long = "cert-key",
+        id = "tls_key",
+        env = "SYNC_CERT_KEY",
+        value_name = "PATH",
+        global = true,
+        help_heading = "Global options"
+    )]
+    pub key: Option<PathBuf>,
+}
+
+impl GlobalOpts {
+    /// The SDK's TLS settings from --cacert, --cert and --cert-key (`None`: plaintext). The files
+    /// are read here; their PEM is checked when a client connects.
+    pub fn tls(&self) -> Result<Option<sync_client::TlsOptions>, sync_client::Error> {
+        let Some(ca) = &self.cacert else {
+            return Ok(None);
+        };
+        let tls = sync_client::TlsOptions::from_ca_file(ca)?;
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => tls.identity_files(cert, key).map(Some),
+            _ => Ok(Some(tls)),
+        }
+    }
 }
 
 /// The output format.
@@ -935,6 +983,30 @@ pub struct BenchCacheArgs {
 impl Cli {
     /// Checks that span several flags; clap checks each flag alone.
     pub fn validate(&self) -> Result<(), clap::Error> {
+        let usage = |message: String| {
+            Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message))
+        };
+        let g = &self.global;
+        match (&g.cert, &g.key) {
+            (Some(_), None) => return usage("--cert needs --cert-key (its private key)".into()),
+            (None, Some(_)) => return usage("--cert-key needs --cert (its certificate)".into()),
+            (Some(_), Some(_)) if g.cacert.is_none() => {
+                return usage(
+                    "--cert and --cert-key need --cacert (the CA that signed the cluster's \
+                     certificates)"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(e) = g.endpoints.iter().find(|e| e.https)
+            && g.cacert.is_none()
+        {
+            return usage(format!(
+                "--endpoints {e}: https:// needs --cacert (the CA that signed the cluster's \
+                 certificates)"
+            ));
+        }
         if let Command::Dev(DevCommand::Up(up)) = &self.command {
             let highest =
                 u32::from(up.base_port) + u32::from(METRICS_PORT_OFFSET) + u32::from(up.nodes);
@@ -955,17 +1027,21 @@ impl Cli {
     }
 }
 
-/// A server address: `host:port`, optionally written as `http://host:port`.
+/// A server address: `host:port`, optionally written as `http://host:port` or
+/// `https://host:port`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// `host:port`, without scheme: how the endpoint is shown.
     authority: String,
+    /// Written as `https://`: only valid with --cacert (TLS itself is turned on by --cacert).
+    pub https: bool,
 }
 
 impl Endpoint {
-    /// The URI tonic connects to.
+    /// The URI tonic connects to without TLS settings.
     pub fn uri(&self) -> String {
-        format!("http://{}", self.authority)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
     }
 }
 
@@ -975,15 +1051,14 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// Parses `host:port` or `http://host:port` (a trailing `/` is allowed).
+/// Parses `host:port`, `http://host:port` or `https://host:port` (a trailing `/` is allowed).
 pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     let trimmed = text.trim();
-    if trimmed.starts_with("https://") {
-        return Err(format!(
-            "`{trimmed}`: TLS is not supported yet; use http:// or host:port"
-        ));
-    }
-    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let https = trimmed.starts_with("https://");
+    let authority = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .unwrap_or(trimmed);
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     let bad = || format!("`{trimmed}` is not host:port (e.g. 127.0.0.1:7001)");
     let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
@@ -992,6 +1067,7 @@ pub fn parse_endpoint(text: &str) -> Result<Endpoint, String> {
     }
     Ok(Endpoint {
         authority: authority.to_owned(),
+        https,
     })
 }
 
@@ -1258,8 +1334,28 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
             assert_eq!(err.exit_code(), 2);
         }
-        let err = parse(&["status", "--endpoints", "https://h:1"]).unwrap_err();
-        assert!(err.to_string().contains("TLS"), "{err}");
+    }
+
+    #[test]
+    fn tls_flags_are_checked_against_each_other() {
+        let check = |args: &[&str]| parse(args).unwrap().validate();
+        let err = check(&["status", "--endpoints", "https://h:1"]).unwrap_err();
+        assert!(err.to_string().contains("needs --cacert"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let cli = parse(&[
+            "status",
+            "--endpoints",
+            "https://h:1/",
+            "--cacert",
+            "ca.pem",
+        ])
+        .unwrap();
+        cli.validate().unwrap();
+        assert_eq!(cli.global.endpoints[0].to_string(), "h:1");
+        let err = check(&["status", "--cacert", "ca.pem", "--cert", "c.pem"]).unwrap_err();
+        assert!(err.to_string().contains("--cert needs --cert-key"), "{err}");
+        let err = check(&["status", "--cert", "c.pem", "--cert-key", "k.pem"]).unwrap_err();
+        assert!(err.to_string().contains("need --cacert"), "{err}");
     }
 
     #[test]

@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::bail;
 use futures::future::join_all;
+use sync_client::TlsOptions;
 use sync_proto::sync::v1::cluster_client::ClusterClient;
 use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
 use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::Channel;
 
 use crate::args::{Endpoint, GlobalOpts};
-use crate::errors::{START_HINT, describe_status, describe_transport, timed_out};
+use crate::errors::{START_HINT, describe_cause, describe_status, timed_out};
 
 pub use sync_client::routing::{Leader, leader_hint};
 
@@ -21,7 +22,12 @@ const LEADER_POLL: Duration = Duration::from_millis(200);
 /// An SDK client for the lock and session commands: `--timeout` bounds connecting, each
 /// attempt, and each call with its retries.
 pub async fn sdk_client(global: &GlobalOpts) -> Result<sync_client::Client, sync_client::Error> {
-    sync_client::Client::builder(global.endpoints.iter().map(Endpoint::to_string))
+    let builder = sync_client::Client::builder(global.endpoints.iter().map(Endpoint::to_string));
+    let builder = match global.tls()? {
+        Some(tls) => builder.tls(tls),
+        None => builder,
+    };
+    builder
         .connect_timeout(global.timeout)
         .request_timeout(global.timeout)
         .deadline(global.timeout)
@@ -30,17 +36,32 @@ pub async fn sdk_client(global: &GlobalOpts) -> Result<sync_client::Client, sync
         .await
 }
 
-/// Opens a connection to `endpoint`, failing after `deadline`. Every call on the connection is
-/// also bounded by `deadline`.
+/// Opens a plaintext connection to `endpoint` (the bench's), failing after `deadline`. Every call
+/// on the connection is also bounded by `deadline`.
 pub async fn connect(endpoint: &Endpoint, deadline: Duration) -> Result<Channel, String> {
-    let builder = Channel::from_shared(endpoint.uri())
-        .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?
+    connect_with(endpoint, deadline, None).await
+}
+
+/// [`connect`], over TLS when `tls` is given.
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    deadline: Duration,
+    tls: Option<&TlsOptions>,
+) -> Result<Channel, String> {
+    let builder = match tls {
+        Some(tls) => tls
+            .endpoint(&endpoint.to_string())
+            .map_err(|e| e.to_string())?,
+        None => Channel::from_shared(endpoint.uri())
+            .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?,
+    };
+    let builder = builder
         .connect_timeout(deadline)
         .timeout(deadline)
         .tcp_nodelay(true);
     match timeout(deadline, builder.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(describe_transport(&err)),
+        Ok(Err(err)) => Err(describe_cause(&err)),
         Err(_) => Err(timed_out(deadline)),
     }
 }
@@ -50,9 +71,10 @@ pub async fn connect(endpoint: &Endpoint, deadline: Duration) -> Result<Channel,
 pub async fn status_of(
     endpoint: &Endpoint,
     deadline: Duration,
+    tls: Option<&TlsOptions>,
 ) -> Result<ClusterStatusResponse, String> {
     let exchange = async {
-        let channel = connect(endpoint, deadline).await?;
+        let channel = connect_with(endpoint, deadline, tls).await?;
         ClusterClient::new(channel)
             .status(ClusterStatusRequest {})
             .await
@@ -70,12 +92,17 @@ pub struct MemberReport {
     pub status: Result<ClusterStatusResponse, String>,
 }
 
-/// Asks every endpoint at once; the reports come back in the order of `endpoints`.
-pub async fn status_all(endpoints: &[Endpoint], deadline: Duration) -> Vec<MemberReport> {
+/// Asks every endpoint at once (over TLS when `tls` is given); the reports come back in the
+/// order of `endpoints`.
+pub async fn status_all(
+    endpoints: &[Endpoint],
+    deadline: Duration,
+    tls: Option<&TlsOptions>,
+) -> Vec<MemberReport> {
     join_all(endpoints.iter().map(|endpoint| async move {
         MemberReport {
             endpoint: endpoint.clone(),
-            status: status_of(endpoint, deadline).await,
+            status: status_of(endpoint, deadline, tls).await,
         }
     }))
     .await
@@ -115,7 +142,7 @@ pub fn leader_in(reports: &[MemberReport]) -> Option<Leader> {
     sync_client::routing::leader_in(&answers)
 }
 
-/// Asks the endpoints until one names a leader, for at most `patience`. Fails at once if no
+/// Asks the endpoints (in plaintext: the bench does not speak TLS) until one names a leader, for at most `patience`. Fails at once if no
 /// member answers at all: waiting does not start a cluster.
 pub async fn find_leader(
     endpoints: &[Endpoint],
@@ -124,7 +151,7 @@ pub async fn find_leader(
 ) -> anyhow::Result<Leader> {
     let give_up = Instant::now() + patience;
     loop {
-        let reports = status_all(endpoints, rpc_deadline).await;
+        let reports = status_all(endpoints, rpc_deadline, None).await;
         if let Some(leader) = leader_in(&reports) {
             return Ok(leader);
         }

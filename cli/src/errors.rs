@@ -8,10 +8,9 @@
 use std::error::Error as StdError;
 use std::time::Duration;
 
-use sync_client::error::io_reason;
 use tonic::{Code, Status};
 
-pub use sync_client::error::{NOT_GRPC, START_HINT};
+pub use sync_client::error::{NOT_GRPC, START_HINT, describe_cause, is_not_grpc};
 
 /// `cache set --if-version` found the key at another version: nothing was written. Its own type
 /// so that `main` can give it exit code 3, as the lock's "not acquired": the call worked, the
@@ -55,13 +54,13 @@ pub fn one_line(err: &anyhow::Error) -> String {
 /// Why a gRPC call failed: the root transport cause if the call never reached a server,
 /// otherwise the status code and the server's message.
 pub fn describe_status(status: &Status) -> String {
-    if let Some(cause) = StdError::source(status).and_then(io_reason) {
-        return cause;
+    if let Some(source) = StdError::source(status) {
+        return describe_cause(source);
     }
     let message = status.message();
-    // Something listens there, but it is not a gRPC server (usually a metrics port, HTTP/1.1):
-    // it answers HTTP/2 with a protocol error or an HTTP status.
-    if message.contains("h2 protocol error") || message.starts_with("grpc-status header missing") {
+    // Something listens there, but it is not a gRPC server (a metrics port, or a TLS port
+    // spoken to in plaintext).
+    if is_not_grpc(message) {
         return NOT_GRPC.to_owned();
     }
     if status.code() == Code::Unimplemented && message.starts_with("unknown service sync.") {
@@ -74,18 +73,6 @@ pub fn describe_status(status: &Status) -> String {
     } else {
         format!("{code}: {message}")
     }
-}
-
-/// Why connecting failed, from a transport error's chain of causes.
-pub fn describe_transport(err: &(dyn StdError + 'static)) -> String {
-    io_reason(err).unwrap_or_else(|| {
-        // No I/O error inside: show the innermost message, which is the most specific one.
-        let mut innermost = err;
-        while let Some(next) = innermost.source() {
-            innermost = next;
-        }
-        innermost.to_string()
-    })
 }
 
 /// "timed out after 5s".
@@ -155,9 +142,9 @@ mod tests {
             }
         }
         let refused = Wrapper(io::Error::from(io::ErrorKind::ConnectionRefused));
-        assert_eq!(describe_transport(&refused), "connection refused");
+        assert_eq!(describe_cause(&refused), "connection refused");
         let closed = Wrapper(io::Error::from(io::ErrorKind::BrokenPipe));
-        assert!(describe_transport(&closed).contains("not a gRPC server"));
+        assert!(describe_cause(&closed).contains("not a gRPC server"));
         let status = Status::from_error(Box::new(Wrapper(io::Error::other(
             "failed to lookup address information (os error -2)",
         ))));

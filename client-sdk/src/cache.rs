@@ -2,9 +2,10 @@
 //!
 //! A Get is answered by the node that receives it: a HIT from its own line (no network hop
 //! beyond the call) or a MISS that fills the line from the directory. A completed Set is never
-//! hidden by a stale hit anywhere (see docs/cache.md). Set and Delete may be applied twice if
-//! retried (the cache's de-duplication is best effort, as cache.proto says); a CompareAndSet is
-//! not retried once sent, since a second application would fail against its own first.
+//! hidden by a stale hit anywhere (see docs/cache.md). Every write carries the call's request
+//! header, so a write the client retries (after a timeout, or on another node after a failover)
+//! is applied once and answered as its first attempt was: a retried CompareAndSet reports its
+//! own success, not a mismatch against itself.
 
 use std::time::Duration;
 
@@ -33,11 +34,13 @@ pub struct CachedValue {
     pub hit: bool,
 }
 
-fn spec(repeatable: bool) -> CallSpec {
+/// Every cache call may be retried: a read changes nothing, and a write carries its request
+/// header, so memory applies it once.
+fn spec() -> CallSpec {
     CallSpec {
         kind: CallKind::Other,
         target: Target::Any,
-        repeatable,
+        repeatable: true,
         wait: Duration::ZERO,
     }
 }
@@ -57,7 +60,7 @@ impl Client {
             key: key.to_owned(),
         };
         let r = self
-            .unary(spec(true), request, |ch, r| async move {
+            .unary(spec(), request, |ch, r| async move {
                 CacheClient::new(ch).get(r).await
             })
             .await?;
@@ -92,7 +95,7 @@ impl Client {
             ttl_ms: ttl.map_or(0, |t| t.as_millis() as u64),
         };
         let r = self
-            .unary(spec(true), request, |ch, r| async move {
+            .unary(spec(), request, |ch, r| async move {
                 CacheClient::new(ch).set(r).await
             })
             .await?;
@@ -115,7 +118,7 @@ impl Client {
             key: key.to_owned(),
         };
         let r = self
-            .unary(spec(true), request, |ch, r| async move {
+            .unary(spec(), request, |ch, r| async move {
                 CacheClient::new(ch).delete(r).await
             })
             .await?;
@@ -154,7 +157,7 @@ impl Client {
             ttl_ms: 0,
         };
         let r = self
-            .unary(spec(false), request, |ch, r| async move {
+            .unary(spec(), request, |ch, r| async move {
                 CacheClient::new(ch).compare_and_set(r).await
             })
             .await?;

@@ -7,9 +7,8 @@
 //! and then a HIT on node 1. [`Client::cache_on`] pins the calls to one node by id (retrying
 //! that node, never another); without a node they go where the client's other cache calls go.
 //!
-//! Retries follow `cache.rs`: Set and Delete are repeated on failure (the cache's
-//! de-duplication is best effort, so a retried write may take a second version), a
-//! CompareAndSet is sent once, since a repeat would fail against its own first application.
+//! Retries follow `cache.rs`: every call may be repeated on failure, and a repeated write is
+//! applied once (memory de-duplicates it by its request header).
 
 use std::time::Duration;
 
@@ -59,11 +58,12 @@ impl Client {
 }
 
 impl NodeCache {
-    fn spec(&self, repeatable: bool) -> CallSpec {
+    /// Every cache call may be retried (see `crate::cache`): writes carry their header.
+    fn spec(&self) -> CallSpec {
         CallSpec {
             kind: CallKind::Other,
             target: self.target,
-            repeatable,
+            repeatable: true,
             wait: Duration::ZERO,
         }
     }
@@ -75,7 +75,7 @@ impl NodeCache {
             key: key.to_owned(),
         };
         self.client
-            .unary(self.spec(true), request, |ch, r| async move {
+            .unary(self.spec(), request, |ch, r| async move {
                 CacheClient::new(ch).get(r).await
             })
             .await
@@ -96,7 +96,7 @@ impl NodeCache {
         };
         let r = self
             .client
-            .unary(self.spec(true), request, |ch, r| async move {
+            .unary(self.spec(), request, |ch, r| async move {
                 CacheClient::new(ch).set(r).await
             })
             .await?;
@@ -120,7 +120,7 @@ impl NodeCache {
         };
         let r = self
             .client
-            .unary(self.spec(false), request, |ch, r| async move {
+            .unary(self.spec(), request, |ch, r| async move {
                 CacheClient::new(ch).compare_and_set(r).await
             })
             .await?;
@@ -138,7 +138,7 @@ impl NodeCache {
             key: key.to_owned(),
         };
         self.client
-            .unary(self.spec(true), request, |ch, r| async move {
+            .unary(self.spec(), request, |ch, r| async move {
                 CacheClient::new(ch).delete(r).await
             })
             .await
@@ -151,7 +151,7 @@ impl NodeCache {
             key: key.to_owned(),
         };
         self.client
-            .unary(self.spec(true), request, |ch, r| async move {
+            .unary(self.spec(), request, |ch, r| async move {
                 CacheClient::new(ch).state(r).await
             })
             .await
@@ -160,11 +160,9 @@ impl NodeCache {
     /// The node's cache counters since it started.
     pub async fn stats(&self) -> Result<api::CacheStatsResponse> {
         self.client
-            .unary(
-                self.spec(true),
-                api::CacheStatsRequest {},
-                |ch, r| async move { CacheClient::new(ch).stats(r).await },
-            )
+            .unary(self.spec(), api::CacheStatsRequest {}, |ch, r| async move {
+                CacheClient::new(ch).stats(r).await
+            })
             .await
     }
 }

@@ -34,6 +34,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::error::{CallKind, Error, Result, joined_reasons, transport_reason};
 use crate::header::{Sequencer, Ticket};
 use crate::routing::{LEADER_ID, Router, leader_hint};
+use crate::tls::TlsOptions;
 
 /// Extra time the client waits beyond an attempt's gRPC deadline before giving up on it by
 /// itself, so that the server's DEADLINE_EXCEEDED (with its message) normally arrives first.
@@ -110,6 +111,8 @@ pub(crate) struct Config {
     pub(crate) auth: Option<AsciiMetadataValue>,
     pub(crate) client_name: String,
     pub(crate) stale_reads: bool,
+    /// TLS towards every member, when the cluster serves it.
+    pub(crate) tls: Option<TlsOptions>,
 }
 
 /// Builds a [`Client`] with settings other than the defaults.
@@ -130,7 +133,8 @@ pub(crate) struct Config {
 /// # Ok(()) }
 /// ```
 ///
-/// TLS is not offered yet (syncd serves plain HTTP/2); `https://` endpoints are refused.
+/// For a cluster that serves TLS (`syncd --cert-file ...`), give the CA with
+/// [`tls`](ClientBuilder::tls); see [`TlsOptions`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
@@ -190,6 +194,27 @@ impl ClientBuilder {
         self
     }
 
+    /// Speak TLS to every member: verify their certificates against the CA in `options`, and
+    /// present a client certificate if it has one. Without this the client speaks plaintext,
+    /// and `https://` endpoints are refused. The PEM material is checked by
+    /// [`connect`](ClientBuilder::connect), which fails with [`Error::Tls`] if it is unusable.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sync_client::{Client, TlsOptions};
+    ///
+    /// let ca = std::fs::read("certs/ca.pem")?;
+    /// let client = Client::builder(["https://127.0.0.1:7001"])
+    ///     .tls(TlsOptions::from_ca_pem(ca).domain_name("syncd.internal"))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls(mut self, options: TlsOptions) -> Self {
+        self.config.tls = Some(options);
+        self
+    }
+
     /// Connects: asks every endpoint at once for the cluster's members and leader. Fails with
     /// [`Error::Unavailable`] if none answers within the connect timeout; succeeds without a
     /// leader (calls then wait for one, inside their deadline).
@@ -202,7 +227,15 @@ impl ClientBuilder {
         }
         let client = Client {
             inner: Arc::new(Inner {
-                router: Router::new(&self.endpoints, self.config.connect_timeout)?,
+                router: Router::new(
+                    &self.endpoints,
+                    self.config.connect_timeout,
+                    self.config
+                        .tls
+                        .as_ref()
+                        .map(TlsOptions::build)
+                        .transpose()?,
+                )?,
                 sequencer: Sequencer::new(),
                 config: self.config,
                 retries: AtomicU64::new(0),
@@ -338,6 +371,7 @@ impl Client {
                 auth: None,
                 client_name: String::new(),
                 stale_reads: false,
+                tls: None,
             },
             auth_error: None,
         }

@@ -195,6 +195,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The TLS settings cannot be used: a file that cannot be read, PEM that is not a
+    /// certificate or a key ([`TlsOptions`](crate::TlsOptions)), or an `https://` endpoint
+    /// without TLS settings.
+    #[error("TLS: {reason}")]
+    Tls {
+        /// What is wrong, naming the file or the part.
+        reason: String,
+    },
     /// The server answered with a message the SDK cannot use (a required field missing).
     #[error("unexpected answer from the server: {message}")]
     Protocol {
@@ -304,7 +312,9 @@ impl Error {
             Error::Unimplemented { .. } => Code::Unimplemented,
             Error::Internal { code, .. } => *code,
             Error::Unknown { .. } => Code::Unknown,
-            Error::InvalidEndpoint { .. } | Error::Protocol { .. } => return None,
+            Error::InvalidEndpoint { .. } | Error::Tls { .. } | Error::Protocol { .. } => {
+                return None;
+            }
         })
     }
 
@@ -345,14 +355,23 @@ impl Error {
 /// The cause of a status that never reached a server (a connection that could not be opened or
 /// broke), in words; `None` if a server answered.
 pub(crate) fn transport_reason(status: &Status) -> Option<String> {
-    let source = StdError::source(status)?;
-    Some(io_reason(source).unwrap_or_else(|| {
-        let mut innermost = source;
-        while let Some(next) = innermost.source() {
-            innermost = next;
-        }
-        innermost.to_string()
-    }))
+    StdError::source(status).map(describe_cause)
+}
+
+/// Why a connection could not be opened or broke, from an error's chain of causes, in words:
+/// the first I/O error, else the innermost message (the most specific one), with h2's messages
+/// for a peer that is not a gRPC server replaced by [`NOT_GRPC`].
+pub fn describe_cause(err: &(dyn StdError + 'static)) -> String {
+    io_reason(err).unwrap_or_else(|| not_grpc_hint(innermost(err)))
+}
+
+/// The deepest cause in a chain of errors, in words: the most specific one.
+pub(crate) fn innermost(err: &(dyn StdError + 'static)) -> String {
+    let mut current = err;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }
 
 /// The first I/O error in a chain of causes, in words: "connection refused", "connection reset",
@@ -385,6 +404,8 @@ fn describe_io(err: &io::Error) -> String {
         io::ErrorKind::AddrNotAvailable => "address not available".to_owned(),
         io::ErrorKind::HostUnreachable => "host unreachable".to_owned(),
         io::ErrorKind::NetworkUnreachable => "network unreachable".to_owned(),
+        // rustls reports handshake failures as invalid data.
+        io::ErrorKind::InvalidData => tls_reason(&err.to_string()),
         _ => {
             // "failed to lookup address information: Name or service not known (os error -2)"
             let text = err.to_string();
@@ -396,13 +417,47 @@ fn describe_io(err: &io::Error) -> String {
     }
 }
 
-/// What an endpoint that answers HTTP but not gRPC is, and the usual reason.
-pub const NOT_GRPC: &str = "not a gRPC server (wrong port? syncd serves gRPC on --listen, \
-                            metrics on --metrics-listen)";
+/// A failed TLS handshake in words that say what to change. rustls names the problem (an alert
+/// from the server, or what was wrong with its certificate); the common ones get advice.
+fn tls_reason(rustls: &str) -> String {
+    let advice = if rustls.contains("CertificateRequired") {
+        "the server requires a client certificate signed by its CA (syncctl --cert/--cert-key, \
+         TlsOptions::identity_files)"
+    } else if rustls.contains("fatal alert: UnknownCA")
+        || rustls.contains("fatal alert: BadCertificate")
+        || rustls.contains("fatal alert: CertificateUnknown")
+    {
+        "the server refused the client certificate: it is not signed by the CA the server trusts"
+    } else if rustls.contains("invalid peer certificate") {
+        "the server's certificate cannot be verified with the given CA, or does not name the \
+         address connected to (check --cacert, or TlsOptions::domain_name)"
+    } else if rustls.contains("corrupt message") || rustls.contains("InvalidContentType") {
+        "the server does not speak TLS (drop --cacert, or use the server's TLS port)"
+    } else {
+        "handshake failed"
+    };
+    format!("TLS: {advice} ({rustls})")
+}
+
+/// What an endpoint that answers HTTP but not gRPC is, and the usual reasons.
+pub const NOT_GRPC: &str = "not a gRPC server, or one that requires TLS (wrong port? syncd \
+                            serves gRPC on --listen, metrics on --metrics-listen; a node started \
+                            with --cert-file needs --cacert or ClientBuilder::tls)";
+
+/// Whether a call's message is what tonic and h2 report when the peer is not a gRPC server:
+/// - an HTTP/1.1 server (a metrics port) answers the HTTP/2 preface with a protocol error or an
+///   HTTP status without `grpc-status`;
+/// - a TLS server answers a plaintext preface with a TLS alert record (`15 03 03 00 02 …`), which
+///   h2 reads as a frame header announcing a 1.3 MB frame: "frame with invalid size".
+pub fn is_not_grpc(message: &str) -> bool {
+    message.contains("h2 protocol error")
+        || message.starts_with("grpc-status header missing")
+        || message.contains("frame with invalid size")
+}
 
 /// Replaces the messages tonic produces for a non-gRPC peer with [`NOT_GRPC`].
 fn not_grpc_hint(message: String) -> String {
-    if message.contains("h2 protocol error") || message.starts_with("grpc-status header missing") {
+    if is_not_grpc(&message) {
         NOT_GRPC.to_owned()
     } else {
         message

@@ -60,6 +60,8 @@
 //!   node's status ([`Client::node_status`]);
 //! - `near/`: the opt-in near cache ([`Client::near_cache`], [`NearCache`]): `core.rs` decides
 //!   what may be served (pure: no I/O, no clock), `mod.rs` runs the invalidation stream;
+//! - `tls.rs`: [`TlsOptions`] (CA, client certificate, server name) for clusters that serve
+//!   TLS;
 //! - `error.rs`: [`Error`].
 //!
 //! `examples/` has complete programs (a job under a fenced lock, a worker pool, a read-through
@@ -82,6 +84,7 @@ mod near;
 mod queue;
 pub mod routing;
 mod session;
+mod tls;
 
 pub use cache::CachedValue;
 pub use cache_admin::{CasOutcome, NodeCache};
@@ -95,6 +98,7 @@ pub use locks::{
 pub use near::{NearCache, NearCacheConfig, NearCacheStats, NearValue};
 pub use queue::{AutoExtend, Consumer, Delivery, OutgoingMessage, Published, TopicStats};
 pub use session::{Session, SessionBuilder};
+pub use tls::TlsOptions;
 
 /// The generated `sync.v1` clients and messages (Cluster, Lock, Queue, Cache).
 pub use sync_proto::sync::v1 as api;

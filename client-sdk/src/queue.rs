@@ -16,10 +16,10 @@ use futures::Stream;
 use sync_proto::sync::v1 as api;
 use sync_proto::sync::v1::queue_client::QueueClient;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::client::{CallSpec, Client};
-use crate::error::{CallKind, Result};
+use crate::error::{CallKind, Error, Result};
 
 /// A message to publish: a payload and its optional settings.
 ///
@@ -485,6 +485,70 @@ impl Client {
             )
             .await?;
         Ok(r.results.into_iter().map(Published::from).collect())
+    }
+
+    /// Acknowledges deliveries of one topic in one replicated command (1 to 1 000): one
+    /// commit instead of one per [`Delivery::ack`]. Returns one outcome per delivery, in order:
+    /// `Ok(())` if it was acknowledged, or the error its own `ack` would have given
+    /// ([`Error::NotFound`](crate::Error::NotFound), or
+    /// [`Error::FailedPrecondition`](crate::Error::FailedPrecondition) if it was delivered
+    /// again since). The call as a whole is retried like any write and applied once. Deliveries
+    /// of different topics are refused with [`Error::InvalidArgument`](crate::Error::InvalidArgument)
+    /// before anything is sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let deliveries = client.consumer("jobs").batch(32).receive().await?;
+    /// // ... handle them all, then acknowledge them together:
+    /// for (d, outcome) in deliveries.iter().zip(client.ack_batch(&deliveries).await?) {
+    ///     if let Err(e) = outcome {
+    ///         eprintln!("{} was not acknowledged: {e}", d.message_id());
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn ack_batch(&self, deliveries: &[Delivery]) -> Result<Vec<Result<()>>> {
+        let Some(first) = deliveries.first() else {
+            return Ok(Vec::new());
+        };
+        if let Some(other) = deliveries.iter().find(|d| d.topic != first.topic) {
+            return Err(Error::InvalidArgument {
+                message: format!(
+                    "ack_batch takes deliveries of one topic, got {:?} and {:?}",
+                    first.topic(),
+                    other.topic()
+                ),
+            });
+        }
+        let r = self
+            .queue_write(
+                |header| api::AckBatchRequest {
+                    header,
+                    topic: first.topic().to_owned(),
+                    receipts: deliveries.iter().filter_map(Delivery::receipt).collect(),
+                },
+                |ch, r| async move { QueueClient::new(ch).ack_batch(r).await },
+            )
+            .await?;
+        if r.results.len() != deliveries.len() {
+            return Err(Error::Protocol {
+                message: format!(
+                    "AckBatch of {} receipts answered {} outcomes",
+                    deliveries.len(),
+                    r.results.len()
+                ),
+            });
+        }
+        Ok(r.results
+            .into_iter()
+            .map(|o| match Code::from_i32(o.code) {
+                Code::Ok => Ok(()),
+                code => Err(Error::from_status(
+                    &Status::new(code, o.message),
+                    CallKind::Other,
+                )),
+            })
+            .collect())
     }
 
     /// A consumer of `topic`: set its batch size, visibility timeout and long-poll wait, then

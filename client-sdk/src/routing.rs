@@ -21,15 +21,18 @@ use futures::future::join_all;
 use sync_proto::sync::v1::cluster_client::ClusterClient;
 use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result, transport_reason};
+use crate::tls::{ClientTls, endpoint};
 
 /// The client's view of the cluster, and its connections.
 #[derive(Debug)]
 pub(crate) struct Router {
     /// Deadline for opening a connection to a member.
     connect_timeout: Duration,
+    /// TLS for every connection, when the cluster serves it.
+    tls: Option<ClientTls>,
     view: Mutex<View>,
     /// One channel per member address. A channel reconnects by itself after a failure, so it is
     /// kept for the life of the client.
@@ -62,11 +65,16 @@ pub(crate) struct Discovery {
 }
 
 impl Router {
-    /// A view of `endpoints` (`host:port` or `http://host:port`).
-    pub(crate) fn new(endpoints: &[String], connect_timeout: Duration) -> Result<Router> {
+    /// A view of `endpoints` (`host:port`, `http://host:port`, or `https://host:port` with
+    /// `tls`), connected to over TLS when `tls` is set.
+    pub(crate) fn new(
+        endpoints: &[String],
+        connect_timeout: Duration,
+        tls: Option<ClientTls>,
+    ) -> Result<Router> {
         let mut members = Vec::new();
         for e in endpoints {
-            let address = normalize(e)?;
+            let address = normalize(e, tls.is_some())?;
             if !members.contains(&address) {
                 members.push(address);
             }
@@ -79,6 +87,7 @@ impl Router {
         }
         Ok(Router {
             connect_timeout,
+            tls,
             view: Mutex::new(View {
                 members,
                 leader: None,
@@ -100,16 +109,18 @@ impl Router {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::InvalidEndpoint {
-                endpoint: address.to_owned(),
-                reason: e.to_string(),
-            })?
+        let channel = self
+            .endpoint(address)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
+    }
+
+    /// The endpoint (`https` when TLS is on) for a member at `address`.
+    pub(crate) fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint> {
+        endpoint(address, self.tls.as_ref())
     }
 
     /// The leader's address, if known.
@@ -317,17 +328,27 @@ pub fn leader_hint(status: &Status) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// `host:port` from `host:port` or `http://host:port[/]`.
-pub(crate) fn normalize(endpoint: &str) -> Result<String> {
+/// `host:port` from `host:port`, `http://host:port[/]` or (with TLS) `https://host:port[/]`.
+/// Whether TLS is used is the builder's choice ([`crate::ClientBuilder::tls`]); an `https://`
+/// endpoint without it is refused rather than silently spoken to in plaintext.
+pub(crate) fn normalize(endpoint: &str, tls: bool) -> Result<String> {
     let trimmed = endpoint.trim();
     let bad = |reason: &str| Error::InvalidEndpoint {
         endpoint: trimmed.to_owned(),
         reason: reason.to_owned(),
     };
-    if trimmed.starts_with("https://") {
-        return Err(bad("TLS is not supported yet; use http:// or host:port"));
-    }
-    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let authority = match trimmed.strip_prefix("https://") {
+        Some(_) if !tls => {
+            return Err(Error::Tls {
+                reason: format!(
+                    "`{trimmed}` is https:// but no TLS settings were given; add \
+                     ClientBuilder::tls(TlsOptions::from_ca_file(..)?)"
+                ),
+            });
+        }
+        Some(rest) => rest,
+        None => trimmed.strip_prefix("http://").unwrap_or(trimmed),
+    };
     let authority = authority.strip_suffix('/').unwrap_or(authority);
     let (host, port) = authority
         .rsplit_once(':')
@@ -399,16 +420,22 @@ mod tests {
 
     #[test]
     fn endpoints_are_normalized_and_checked() {
-        assert_eq!(normalize("http://10.0.0.1:7001/").unwrap(), "10.0.0.1:7001");
-        assert_eq!(normalize(" h:1 ").unwrap(), "h:1");
+        assert_eq!(
+            normalize("http://10.0.0.1:7001/", false).unwrap(),
+            "10.0.0.1:7001"
+        );
+        assert_eq!(normalize(" h:1 ", false).unwrap(), "h:1");
         for bad in ["localhost", ":7001", "h:", "h:0", "h:99999", "https://h:1"] {
-            assert!(normalize(bad).is_err(), "{bad}");
+            assert!(normalize(bad, false).is_err(), "{bad}");
         }
+        assert_eq!(normalize("https://h:1/", true).unwrap(), "h:1");
+        let e = normalize("https://h:1", false).unwrap_err();
+        assert!(matches!(e, Error::Tls { .. }), "{e:?}");
     }
 
     #[test]
     fn round_robin_skips_the_member_that_just_failed() {
-        let r = Router::new(&["a:1".into(), "b:1".into()], Duration::from_secs(1)).unwrap();
+        let r = Router::new(&["a:1".into(), "b:1".into()], Duration::from_secs(1), None).unwrap();
         assert_eq!(r.next_member(Some("a:1")), "b:1");
         assert_eq!(r.next_member(Some("b:1")), "a:1");
         r.set_leader("c:1");

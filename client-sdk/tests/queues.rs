@@ -1,6 +1,7 @@
 //! The SDK's queue calls against a real 3-node cluster of `syncd` processes: publish (single,
 //! batch, de-duplicated, delayed), consume with long poll, ack, nack, extend, a stale receipt as
-//! a typed error, the Stream interface, and a publish that survives the leader being killed.
+//! a typed error, ack_batch with an outcome per receipt, the Stream interface, and a publish
+//! that survives the leader being killed.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -45,9 +46,11 @@ async fn publish_consume_ack_nack_and_extend() {
         // Give one back, extend another, ack the rest.
         got[0].nack(Duration::ZERO).await?;
         got[1].extend(Duration::from_secs(60)).await?;
-        for d in &got[2..] {
-            d.ack().await?;
-        }
+        let outcomes = client.ack_batch(&got[2..]).await?;
+        ensure!(
+            outcomes.len() == 3 && outcomes.iter().all(Result::is_ok),
+            "ack_batch of three current receipts: {outcomes:?}"
+        );
         let redelivered = consumer.receive().await?;
         ensure!(
             redelivered.len() == 1,
@@ -60,8 +63,23 @@ async fn publish_consume_ack_nack_and_extend() {
             Err(Error::FailedPrecondition { .. }) => {}
             other => anyhow::bail!("a stale receipt was not refused: {other:?}"),
         }
-        redelivered[0].ack().await?;
-        got[1].ack().await?;
+        // A batch mixing topics is refused before anything is sent.
+        let elsewhere = client.delivery("other-topic", "1", 1);
+        match client.ack_batch(&[redelivered[0].clone(), elsewhere]).await {
+            Err(Error::InvalidArgument { .. }) => {}
+            other => anyhow::bail!("ack_batch across topics: {other:?}"),
+        }
+        // In a batch, each receipt gets the outcome its own ack would have.
+        let outcomes = client
+            .ack_batch(&[got[0].clone(), redelivered[0].clone(), got[1].clone()])
+            .await?;
+        ensure!(
+            matches!(
+                outcomes.as_slice(),
+                [Err(Error::FailedPrecondition { .. }), Ok(()), Ok(())]
+            ),
+            "ack_batch with a stale receipt first: {outcomes:?}"
+        );
         let stats = client.topic_stats("jobs").await?;
         ensure!(format!("{stats:?}").contains("topic: \"jobs\""));
         Ok(())

@@ -37,6 +37,9 @@ use crate::node::{self, NodeError, StartError};
 /// Largest apply lag (entries) at which a node still reports SERVING.
 pub const HEALTH_MAX_APPLY_LAG: u64 = 1000;
 
+/// The path of `sync.v1.Cache/Get`, whose span is at debug level (see `serve`).
+const CACHE_GET_PATH: &str = "/sync.v1.Cache/Get";
+
 /// The public services whose health is reported.
 const SERVICES: [&str; 5] = [
     "sync.v1.Cache",
@@ -157,7 +160,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Grpc(format!("reflection: {e}")))?;
 
-    let forwarder = Arc::new(Forwarder::default());
+    let forwarder = Arc::new(Forwarder::new(node.settings.tls.clone()));
     let backend = match &node.settings.cache_backend {
         node::config::CacheBackend::Raft => node::cache::MemoryBackend::Raft,
         node::config::CacheBackend::Redis(url) => node::cache::MemoryBackend::Redis(
@@ -180,15 +183,27 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &node.settings.tls {
+        // The material was checked when the settings were resolved; this builds it again.
+        builder = builder
+            .tls_config(tls.server_config())
+            .map_err(|e| ServeError::Grpc(format!("TLS: {e}")))?;
+    }
+    let grpc = builder
         .tcp_nodelay(true)
-        // A span per request: every log line a call causes names the RPC it belongs to.
+        // A span per request: every log line a call causes names the RPC it belongs to. Cache
+        // Gets, which are mostly hits served in a few microseconds, get theirs at debug level:
+        // at the default info level an enabled span (its fields formatted, entered on every
+        // poll) is a measurable share of a hit, and a hit logs nothing anyway.
         .trace_fn(|req| {
-            tracing::info_span!(
-                "rpc",
-                path = %req.uri().path(),
-                forwarded = req.headers().contains_key(crate::api::FORWARDED)
-            )
+            let path = req.uri().path();
+            let forwarded = req.headers().contains_key(crate::api::FORWARDED);
+            if path == CACHE_GET_PATH {
+                tracing::debug_span!("rpc", path, forwarded)
+            } else {
+                tracing::info_span!("rpc", path, forwarded)
+            }
         })
         .layer(GrpcMetricsLayer::new())
         .add_service(raft_service)
@@ -238,7 +253,13 @@ pub async fn serve(
             stopped(stop_rx.clone()),
         ))
     });
-    tracing::info!(node_id = node.settings.id, %listen, "serving");
+    tracing::info!(
+        node_id = node.settings.id,
+        %listen,
+        tls = node.settings.tls.is_some(),
+        client_cert_auth = node.settings.tls.as_ref().is_some_and(|t| t.client_cert_auth()),
+        "serving"
+    );
 
     let mut driver = running.driver;
     let outcome = tokio::select! {

@@ -32,10 +32,15 @@ fn run_seeds(name: &str, cfg: &SimConfig, base: u64, count: u64) -> Report {
             .rounds_to_commit_after_heal
             .max(r.rounds_to_commit_after_heal);
         total.max_term = total.max_term.max(r.max_term);
+        total.pipelined += r.pipelined;
+        total.appends_lost += r.appends_lost;
+        total.appends_reordered += r.appends_reordered;
+        total.probe_fallbacks += r.probe_fallbacks;
     }
     eprintln!(
         "{name}: {} seeds in {:.1?}: {} acked writes, {} reads, {} elections, {} crashes, \
-         {} snapshots installed, {} membership changes, worst recovery {} rounds, max term {}",
+         {} snapshots installed, {} membership changes, worst recovery {} rounds, max term {}; \
+         pipeline: {} pipelined Readies, {} appends lost, {} reordered, {} probe fallbacks",
         seeds.len(),
         started.elapsed(),
         total.acked_writes,
@@ -45,7 +50,11 @@ fn run_seeds(name: &str, cfg: &SimConfig, base: u64, count: u64) -> Report {
         total.snapshots_installed,
         total.membership_changes,
         total.rounds_to_commit_after_heal,
-        total.max_term
+        total.max_term,
+        total.pipelined,
+        total.appends_lost,
+        total.appends_reordered,
+        total.probe_fallbacks
     );
     total
 }
@@ -70,6 +79,24 @@ fn assert_exercised(r: &Report, seeds: u64) {
         "too few membership changes: {r:?}"
     );
     assert!(r.elections > seeds * 2, "too few elections: {r:?}");
+    // The replication pipeline: several AppendEntries in flight to one follower, some lost,
+    // some overtaken by later ones, and rejections that send a follower back to probing.
+    assert!(
+        r.pipelined > seeds * 50,
+        "the pipeline was rarely used: {r:?}"
+    );
+    assert!(
+        r.appends_lost > seeds * 5,
+        "too few AppendEntries lost: {r:?}"
+    );
+    assert!(
+        r.appends_reordered > seeds * 20,
+        "too few AppendEntries reordered: {r:?}"
+    );
+    assert!(
+        r.probe_fallbacks > seeds * 5,
+        "too few fallbacks from Replicate to Probe: {r:?}"
+    );
 }
 
 #[test]

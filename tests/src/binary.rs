@@ -81,6 +81,28 @@ fn build(target_dir: &Path, profile_dir: &Path) -> Result<(), String> {
             command.args(["--profile", profile]);
         }
     }
+    // `cargo test` runs each test binary with its package's CARGO_MANIFEST_DIR, CARGO_PKG_*
+    // and friends set. ring's build script watches CARGO_MANIFEST_DIR, so a nested build that
+    // inherited them saw ring "changed" and rebuilt ring, rustls, tonic and syncd once per test
+    // package, each time the value differed from the previous build's. The nested build gets
+    // the environment of a build started from a shell.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_BIN_NAME"
+            )
+        {
+            command.env_remove(name);
+        }
+    }
     let shown = format!("{command:?}");
     let output = command
         .output()

@@ -398,3 +398,122 @@ pub async fn concurrent_workload(c: &mut Cluster, kill_leader: bool) -> anyhow::
     c.note(summary);
     Ok(())
 }
+
+/// A header no other test uses: a random client id, at `sequence`.
+fn header(client_id: u64, sequence: u64) -> Option<api::RequestHeader> {
+    Some(api::RequestHeader {
+        client_id,
+        sequence,
+        lowest_unacked: 1,
+    })
+}
+
+/// A retried write (the same request header, sent again through another node after its first
+/// answer was "lost") is applied once: it answers as the first attempt did and does not undo a
+/// write made by another client in between. Checked for Set, Delete, CompareAndSet (a retry
+/// succeeds rather than mismatching against its own first attempt) and SetMany. Needs the
+/// directory past its first lease (call after any `first_set`).
+pub async fn retried_writes_apply_once(c: &Cluster) -> anyhow::Result<()> {
+    let me = rand::random::<u64>() | 1;
+    let cache = |id: u64| c.client(id).cache();
+    let value = |s: &str| Bytes::from(s.to_string());
+
+    // Set: first attempt through node 2; another client writes; the retry through node 3.
+    let set_once = api::CacheSetRequest {
+        header: header(me, 1),
+        key: "retried".into(),
+        value: value("first"),
+        ttl_ms: 0,
+    };
+    let first = cache(2).set(request(set_once.clone())).await?.into_inner();
+    let other = set(c, 1, "retried", "other").await?;
+    ensure!(other > first.version, "{other} after {first:?}");
+    let retry = cache(3).set(request(set_once)).await?.into_inner();
+    ensure!(
+        retry.version == first.version,
+        "a retried Set answered {retry:?}, its first attempt {first:?}"
+    );
+    for id in c.ids() {
+        let g = get(c, id, "retried").await?;
+        ensure!(
+            g.value == "other" && g.version == other,
+            "node {id} after a retried Set: {g:?} (want other@{other})"
+        );
+    }
+
+    // CompareAndSet: the retry succeeds with the first attempt's version.
+    let cas_once = api::CompareAndSetRequest {
+        header: header(me, 2),
+        key: "retried".into(),
+        expected_version: other,
+        value: value("swapped"),
+        ttl_ms: 0,
+    };
+    let first = cache(1)
+        .compare_and_set(request(cas_once.clone()))
+        .await?
+        .into_inner();
+    ensure!(
+        first.success,
+        "CompareAndSet at the current version: {first:?}"
+    );
+    let retry = cache(2)
+        .compare_and_set(request(cas_once))
+        .await?
+        .into_inner();
+    ensure!(
+        retry.success && retry.version == first.version,
+        "a retried CompareAndSet answered {retry:?}, its first attempt {first:?}"
+    );
+
+    // Delete: the retry does not delete the value written after the first attempt.
+    let delete_once = api::CacheDeleteRequest {
+        header: header(me, 3),
+        key: "retried".into(),
+    };
+    let first = cache(3)
+        .delete(request(delete_once.clone()))
+        .await?
+        .into_inner();
+    ensure!(first.deleted, "Delete of a present key: {first:?}");
+    let again = set(c, 2, "retried", "after-delete").await?;
+    let retry = cache(1).delete(request(delete_once)).await?.into_inner();
+    ensure!(
+        retry.deleted && retry.version == first.version,
+        "a retried Delete answered {retry:?}, its first attempt {first:?}"
+    );
+    let g = get(c, 3, "retried").await?;
+    ensure!(
+        g.found && g.value == "after-delete" && g.version == again,
+        "a retried Delete deleted a later write: {g:?}"
+    );
+
+    // SetMany: each entry is applied once.
+    let many_once = api::SetManyRequest {
+        header: header(me, 4),
+        entries: ["many-a", "many-b"]
+            .into_iter()
+            .map(|k| api::CacheSetEntry {
+                key: k.into(),
+                value: value("batch"),
+                ttl_ms: 0,
+            })
+            .collect(),
+    };
+    let first = cache(1)
+        .set_many(request(many_once.clone()))
+        .await?
+        .into_inner();
+    let later = set(c, 3, "many-a", "later").await?;
+    let retry = cache(2).set_many(request(many_once)).await?.into_inner();
+    ensure!(
+        retry.versions == first.versions,
+        "a retried SetMany answered {retry:?}, its first attempt {first:?}"
+    );
+    let g = get(c, 1, "many-a").await?;
+    ensure!(
+        g.value == "later" && g.version == later,
+        "a retried SetMany overwrote a later write: {g:?}"
+    );
+    Ok(())
+}

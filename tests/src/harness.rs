@@ -41,11 +41,12 @@ use sync_proto::sync::v1::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::binary;
 use crate::proxy::Network;
+use crate::tls::TlsMaterial;
 use crate::wait::{POLL, eventually};
 
 /// How long a node may take from spawn to answering `Cluster.Status`.
@@ -75,6 +76,9 @@ pub struct Options {
     pub rpc_timeout: Duration,
     /// More flags for every node.
     pub extra_args: Vec<String>,
+    /// Serve TLS with this material (and, when `.1`, `--client-cert-auth`); the harness's own
+    /// clients then connect with the CA and the client certificate.
+    pub tls: Option<(Arc<TlsMaterial>, bool)>,
 }
 
 impl Default for Options {
@@ -86,6 +90,7 @@ impl Default for Options {
             log_level: std::env::var("SYNCD_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
             rpc_timeout: Duration::from_secs(2),
             extra_args: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -94,6 +99,22 @@ impl Options {
     /// `n` election timeouts.
     pub fn election_timeouts(&self, n: u32) -> Duration {
         self.election_timeout * n
+    }
+
+    /// These options with TLS from `material`, and `--client-cert-auth` if `client_cert_auth`.
+    pub fn with_tls(mut self, material: Arc<TlsMaterial>, client_cert_auth: bool) -> Self {
+        self.tls = Some((material, client_cert_auth));
+        self
+    }
+
+    /// A client of node `id` at `addr` with these options' deadline and TLS.
+    fn client(&self, id: u64, addr: SocketAddr) -> NodeClient {
+        let tls = self.tls.as_ref().map(|(material, _)| {
+            material
+                .client_config()
+                .expect("the harness's own TLS material is readable")
+        });
+        NodeClient::with_tls(id, addr, self.rpc_timeout, tls)
     }
 
     /// These options with `--snapshot-threshold threshold`.
@@ -142,8 +163,24 @@ pub struct NodeClient {
 impl NodeClient {
     /// Clients for node `id` at `addr`.
     pub fn new(id: u64, addr: SocketAddr, timeout: Duration) -> NodeClient {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a valid URI")
+        NodeClient::with_tls(id, addr, timeout, None)
+    }
+
+    /// Clients for node `id` at `addr`, over TLS with `tls` if given.
+    pub fn with_tls(
+        id: u64,
+        addr: SocketAddr,
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> NodeClient {
+        let endpoint = match tls {
+            None => Endpoint::from_shared(format!("http://{addr}")),
+            Some(tls) => {
+                Endpoint::from_shared(format!("https://{addr}")).and_then(|e| e.tls_config(tls))
+            }
+        };
+        let channel = endpoint
+            .expect("a socket address is a valid URI, and the TLS material was checked")
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -492,8 +529,14 @@ impl Cluster {
             .tempdir()
             .context("cannot create the cluster's temporary directory")?;
         let mut nodes = BTreeMap::new();
+        // The nodes' ports stay bound until every proxy has its own port: a proxy binding port 0
+        // could otherwise be given a node's port, and the node would then refuse an
+        // --initial-cluster that names one address twice (CI saw exactly that).
+        let mut held = Vec::with_capacity(size);
         for id in 1..=size as u64 {
-            let (listen, metrics) = free_pair()?;
+            let pair = reserve_pair()?;
+            let (listen, metrics) = (pair.0.local_addr()?, pair.1.local_addr()?);
+            held.push(pair);
             nodes.insert(
                 id,
                 Node {
@@ -515,9 +558,10 @@ impl Cluster {
         let network = Network::start(&targets)
             .await
             .context("cannot start the proxies")?;
+        drop(held);
         let clients = Clients::default();
         for node in nodes.values() {
-            clients.set(NodeClient::new(node.id, node.listen, options.rpc_timeout));
+            clients.set(options.client(node.id, node.listen));
         }
         let now = Instant::now();
         let mut cluster = Cluster {
@@ -697,6 +741,9 @@ impl Cluster {
         if let Some(t) = o.snapshot_threshold {
             args.push(format!("--snapshot-threshold={t}"));
         }
+        if let Some((material, client_cert_auth)) = &o.tls {
+            args.extend(material.node_args(*client_cert_auth));
+        }
         args.extend(o.extra_args.iter().cloned());
         args
     }
@@ -774,8 +821,7 @@ impl Cluster {
                     node.listen = listen;
                     node.metrics = metrics;
                     self.network.retarget(id, listen);
-                    self.clients
-                        .set(NodeClient::new(id, listen, self.options.rpc_timeout));
+                    self.clients.set(self.options.client(id, listen));
                     self.spawn(id)?;
                 }
             }
@@ -946,8 +992,7 @@ impl Cluster {
         );
         // A fresh channel: the old one may hold a connection to the dead process.
         let listen = self.node(id).listen;
-        self.clients
-            .set(NodeClient::new(id, listen, self.options.rpc_timeout));
+        self.clients.set(self.options.client(id, listen));
         self.spawn(id)?;
         self.await_started(id).await
     }
@@ -984,8 +1029,7 @@ impl Cluster {
                 starts: 0,
             },
         );
-        self.clients
-            .set(NodeClient::new(id, listen, self.options.rpc_timeout));
+        self.clients.set(self.options.client(id, listen));
         self.spawn(id)?;
         // Nothing refers to a joining node's address before AddMember, so a port collision on
         // its first start can still move it.
@@ -1001,8 +1045,7 @@ impl Cluster {
                     .rsplit_once(',')
                     .map(|(rest, _)| format!("{rest},{id}={listen}"))
                     .unwrap_or_else(|| format!("{id}={listen}"));
-                self.clients
-                    .set(NodeClient::new(id, listen, self.options.rpc_timeout));
+                self.clients.set(self.options.client(id, listen));
                 self.spawn(id)?;
                 self.await_started(id).await?;
                 Ok(listen.to_string())
@@ -1349,11 +1392,18 @@ pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
 /// [`free_port`] calls could, and the node then refuses to start ("--metrics-listen must
 /// differ from --listen"), which no move to another port repairs.
 fn free_pair() -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let (first, second) = reserve_pair()?;
+    Ok((first.local_addr()?, second.local_addr()?))
+}
+
+/// Two bound loopback listeners: while they are held, no other bind of port 0 (a proxy's, say)
+/// can be given their ports.
+fn reserve_pair() -> anyhow::Result<(std::net::TcpListener, std::net::TcpListener)> {
     let first = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind a loopback port")?;
     let second = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .context("cannot bind a loopback port")?;
-    Ok((first.local_addr()?, second.local_addr()?))
+    Ok((first, second))
 }
 
 /// Makes the child get SIGKILL when the thread that spawned it dies, so that even a test process

@@ -21,6 +21,8 @@
 //! - [`cache`]: cache calls, the original scenario and the concurrent workload with its
 //!   stale-read checks, for the tests of both memory backends.
 //! - [`redis`]: a real `redis-server` on a free port (stop, start again, `redis-cli`).
+//! - [`tls`]: a CA and certificates made with rcgen, for clusters that serve TLS
+//!   ([`Options::with_tls`]).
 //! - [`wait`]: bounded polling.
 //! - `binary`: finds the `syncd` binary (and asks cargo to bring it up to date).
 //!
@@ -36,10 +38,15 @@ pub mod locks;
 pub mod proxy;
 pub mod queues;
 pub mod redis;
+pub mod tls;
 pub mod wait;
 pub mod workload;
 
+/// The path of an up-to-date `syncd` binary (built by cargo if needed), for tests that run it
+/// outside a cluster.
+pub use binary::syncd as syncd_binary;
 pub use harness::{Clients, Cluster, Leader, NodeClient, NodeState, Options, scenario};
 pub use proxy::{Mode, Network, Proxy};
 pub use sync_proto::sync::v1 as api;
+pub use tls::TlsMaterial;
 pub use workload::{BackgroundWriter, Ledger, WriterConfig, verify_converged, write_keys};

@@ -1,6 +1,6 @@
 //! The coherent cache with Redis as main memory (`--cache-backend redis://…`), on real syncd
 //! processes and a real `redis-server` that each test starts on a free port: the original
-//! scenario with the value really in Redis; concurrent writers and readers with no stale read;
+//! scenario with the value really in Redis; a retried write applied once; concurrent writers and readers with no stale read;
 //! Redis restarted in the middle of a test; Redis down when the cluster starts; and the leader
 //! killed, its successor's directory fencing Redis at the new epoch.
 
@@ -10,7 +10,7 @@ use anyhow::{Context, bail, ensure};
 use sync_tests::api;
 use sync_tests::cache::{
     CALL, concurrent_workload, first_set, get, measure_latency, original_scenario, request,
-    request_within, set, try_set,
+    request_within, retried_writes_apply_once, set, try_set,
 };
 use sync_tests::redis::RedisServer;
 use sync_tests::wait::eventually;
@@ -92,7 +92,7 @@ async fn wait_unavailable(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn original_scenario_over_redis_and_the_value_is_in_redis() {
+async fn original_scenario_over_redis_the_value_in_redis_and_retries_applied_once() {
     let redis = RedisServer::start().await.expect("redis-server");
     scenario(3, over(&redis), Duration::from_secs(90), async |c| {
         let (_, v2) = original_scenario(c).await?;
@@ -110,7 +110,8 @@ async fn original_scenario_over_redis_and_the_value_is_in_redis() {
             "fence {epoch}, term {}",
             leader.term
         );
-        Ok(())
+        // A retried write is applied once by the Redis write script too.
+        retried_writes_apply_once(c).await
     })
     .await;
 }

@@ -40,6 +40,9 @@ use super::syncd::{SyncdCache, SyncdTarget};
 use super::{Peer, Run, ensure_progress, print_results, raw, timing};
 use crate::args::{BenchCacheArgs, CacheMode, GlobalOpts};
 
+/// Attempts of each key's fill (a Set, then a Get) before the run gives up.
+const FILL_ATTEMPTS: u32 = 3;
+
 /// A system `bench cache` can load.
 pub trait CacheTarget: Send + Sync + 'static {
     type Client: CacheClient;
@@ -353,14 +356,27 @@ struct CacheWorker<C> {
 
 impl<C: CacheClient> CacheWorker<C> {
     /// Writes, then reads, every key on the home node: it then holds each key's line.
+    ///
+    /// Each step is tried up to [`FILL_ATTEMPTS`] times: a directory that has just started
+    /// (the cluster was just started, or its leader changed) writes nothing and answers no fill
+    /// for a lease plus the drift margin (5.25 s with the defaults, `docs/cache.md`), which is
+    /// longer than a call's default deadline.
     async fn fill(&mut self) -> Result<(), String> {
         for i in 0..self.keys.len() {
             let key = self.keys[i].clone();
-            self.client
-                .set(self.home, &key, self.value.clone())
-                .await
-                .result?;
-            self.client.get(self.home, &key).await.result?;
+            let mut attempt = 1;
+            loop {
+                let value = self.value.clone();
+                let step = match self.client.set(self.home, &key, value).await.result {
+                    Ok(()) => self.client.get(self.home, &key).await.result.map(drop),
+                    Err(reason) => Err(reason),
+                };
+                match step {
+                    Ok(()) => break,
+                    Err(_) if attempt < FILL_ATTEMPTS => attempt += 1,
+                    Err(reason) => return Err(reason),
+                }
+            }
         }
         Ok(())
     }

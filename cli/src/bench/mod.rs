@@ -159,7 +159,7 @@ impl<'a> Run<'a> {
         let leader = find_leader(&global.endpoints, global.timeout, global.timeout).await?;
         let endpoint = parse_endpoint(&leader.address)
             .map_err(|e| anyhow::anyhow!("the cluster reported a bad leader address: {e}"))?;
-        let status = status_of(&endpoint, global.timeout)
+        let status = status_of(&endpoint, global.timeout, None)
             .await
             .map_err(|reason| {
                 anyhow::anyhow!("the leader at {endpoint} did not answer: {reason}")

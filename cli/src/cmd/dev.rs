@@ -284,7 +284,7 @@ impl DevCluster {
                     self.log_tail(node)
                 );
             }
-            let reports = status_all(&endpoints, STATUS_DEADLINE).await;
+            let reports = status_all(&endpoints, STATUS_DEADLINE, None).await;
             if let Some(leader) = leader_in(&reports) {
                 break leader;
             }

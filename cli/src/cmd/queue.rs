@@ -236,24 +236,42 @@ async fn consume(client: &Client, output: Output, args: &QueueConsumeArgs) -> an
         consumer = consumer.visibility(v);
     }
     let deliveries = consumer.receive().await?;
-    let mut printed = Vec::with_capacity(deliveries.len());
-    for d in &deliveries {
-        if args.ack {
-            d.ack()
-                .await
-                .with_context(|| format!("acking message {}", d.message_id()))?;
-        }
-        printed.push(Printed::of(d, args.ack));
+    // `--ack` acknowledges the whole batch in one replicated command; each delivery is shown
+    // as acked or not, and a refused one fails the command after the output.
+    let outcomes = if args.ack && !deliveries.is_empty() {
+        client
+            .ack_batch(&deliveries)
+            .await
+            .context("acking the deliveries")?
+    } else {
+        Vec::new()
+    };
+    let acked = |i: usize| outcomes.get(i).is_some_and(Result::is_ok);
+    let printed: Vec<Printed> = (deliveries.iter().enumerate())
+        .map(|(i, d)| Printed::of(d, acked(i)))
+        .collect();
+    let refused = deliveries
+        .iter()
+        .zip(&outcomes)
+        .find_map(|(d, o)| o.as_ref().err().map(|e| (d.message_id(), e)));
+    print_deliveries(output, &args.topic, &printed)?;
+    match refused {
+        Some((id, e)) => anyhow::bail!("acking message {id}: {e}"),
+        None => Ok(()),
     }
+}
+
+/// Prints what `consume` received.
+fn print_deliveries(output: Output, topic: &str, printed: &[Printed]) -> anyhow::Result<()> {
     match output {
         Output::Json => print_json(&serde_json::json!({ "deliveries": printed })),
         Output::Table => {
             if printed.is_empty() {
-                eprintln!("no message in {}", args.topic);
+                eprintln!("no message in {topic}");
                 return Ok(());
             }
             let mut t = delivery_table();
-            for p in &printed {
+            for p in printed {
                 t.add_row(delivery_row(p));
             }
             println!("{t}");

@@ -12,7 +12,8 @@ use crate::cluster::{MemberReport, role_name, status_all, unreachable_error};
 use crate::output::{print_json, table};
 
 pub async fn run(global: &GlobalOpts) -> anyhow::Result<()> {
-    let reports = status_all(&global.endpoints, global.timeout).await;
+    let tls = global.tls()?;
+    let reports = status_all(&global.endpoints, global.timeout, tls.as_ref()).await;
     if reports.iter().all(|r| r.status.is_err()) {
         return Err(unreachable_error(&reports));
     }

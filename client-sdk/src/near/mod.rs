@@ -17,7 +17,7 @@ use sync_proto::sync::v1 as api;
 use sync_proto::sync::v1::cache_client::CacheClient;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use self::core::NearCacheStats;
 use self::core::{Bounds, Core, Fill};
@@ -481,7 +481,10 @@ async fn subscribe(
 ) -> std::result::Result<(Channel, tonic::Streaming<api::InvalidationEvent>), ()> {
     let settings = &client.inner.config;
     let half = config.liveness / 2;
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    let endpoint = client
+        .inner
+        .router
+        .endpoint(address)
         .map_err(|_| ())?
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)

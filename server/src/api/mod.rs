@@ -21,9 +21,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::node::tls::{NodeTls, peer_endpoint};
 use crate::node::{NodeError, NodeHandle};
 use crate::raft::RaftError;
 
@@ -122,10 +123,21 @@ pub fn forward_request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
 /// Reused connections to the other nodes, for forwarding.
 #[derive(Default)]
 pub struct Forwarder {
+    /// One lazily connected channel per leader address seen.
     channels: Mutex<HashMap<String, Channel>>,
+    /// TLS towards peers, when the node's port speaks TLS.
+    tls: Option<NodeTls>,
 }
 
 impl Forwarder {
+    /// A forwarder that connects over TLS when `tls` is set.
+    pub fn new(tls: Option<NodeTls>) -> Forwarder {
+        Forwarder {
+            channels: Mutex::default(),
+            tls,
+        }
+    }
+
     /// A (lazily connected) channel to `address`.
     pub fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut channels = self
@@ -135,7 +147,7 @@ impl Forwarder {
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let channel = peer_endpoint(address, self.tls.as_ref())
             .map_err(|e| Status::internal(format!("leader address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)

@@ -21,19 +21,36 @@
 //! - **Records are single-writer / multiple-reader**: a fill recalls every Exclusive or Modified
 //!   holder before it grants, and grants Exclusive only when no other holder remains; a write
 //!   invalidates every holder before it grants Modified.
-//! - **Chubby's rule**: a demanded holder is waited for until it acknowledges or its lease, as
-//!   counted when the demand was made, has run out. Every later grant to it carries the demand.
+//! - **Chubby's rule**: a write *completes* (its writer is answered, the key's next operation
+//!   starts) only once every demanded holder has acknowledged or its lease, as counted when the
+//!   demand was made, has run out. Every later grant to it carries the demand.
+//! - **Overlap**: a write's memory request goes out together with its invalidations, not after
+//!   them. While both are under way, a holder may still serve the old value although memory
+//!   holds the new one. No reader can tell: the write has not completed, and every other way to
+//!   the new value is closed until it does (the key's fills queue behind it here, the writer
+//!   dropped its own line, and a new directory reads memory for nobody before every lease of
+//!   the old epoch has run out). So every hit is of the newest write that completed, or of one
+//!   still in progress that nobody has seen.
 //! - **Serialization**: one operation per key at a time, in arrival order.
-//! - **Epoch rule**: a new directory grants no line and sends no write to memory for
-//!   `L + margin` after it starts.
+//! - **Epoch rule**: a new directory grants no line, sends no write to memory and answers no
+//!   fill for `L + margin` after it starts.
+//! - **Write-back mode** (`CacheConfig::write_back`): an exclusive grant comes with versions
+//!   reserved in memory (the fill's read or the write reserves them), so its holder can write
+//!   locally. An exclusive holder may therefore be newer than memory: every fill recalls every
+//!   exclusive holder (the requester too, whose line may be dirty but not servable), grant or
+//!   not, and no write overlaps its invalidations. A demand's acknowledgement that carries a
+//!   dirty write is written back before the operation reads or writes memory (retried until
+//!   memory takes it: it may be the only copy). A holder's own WriteBack is queued like any
+//!   operation, and written only while the directory records it as the exclusive holder under
+//!   that grant; otherwise the writes are lost, and the holder is told so.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::lease::LeaseTable;
 use super::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
 use super::message::{
-    Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
-    WriteResult,
+    Demand, DemandKind, Dirty, Envelope, LineGrant, Mutation, ReqId, Reservation, Stamp, ToHome,
+    ToNode, Write, WriteBackResult, WriteResult,
 };
 use super::{CacheConfig, CacheError, Epoch, GrantId, LineState, NodeId, Session};
 
@@ -49,6 +66,15 @@ pub enum HomeEffect {
     },
     /// Run a memory operation and answer it with [`Directory::on_memory`].
     Memory(MemoryRequest),
+    /// Write-back mode: the directory went on without `node`'s exclusive line of `key` (its
+    /// lease ran out as the directory counts it): any write on it not written back is lost.
+    /// For metrics and the simulator; nothing to carry out.
+    GaveUp {
+        /// The holder.
+        node: NodeId,
+        /// The key.
+        key: String,
+    },
 }
 
 /// One holder of a key, as recorded.
@@ -75,6 +101,13 @@ pub struct DirectoryStats {
     pub lease_grants: u64,
     /// Nodes forgotten because their lease ran out.
     pub sessions_ended: u64,
+    /// Write-back mode: dirty writes handed over with an acknowledgement and written back
+    /// before the operation that demanded them.
+    pub dirty_written_back: u64,
+    /// Write-back mode: holders' own WriteBacks written to memory.
+    pub write_backs: u64,
+    /// Write-back mode: WriteBacks refused because the node was no longer the holder.
+    pub write_backs_refused: u64,
 }
 
 /// What an operation does.
@@ -84,6 +117,22 @@ enum OpKind {
     Fill,
     /// A write, and the grant of the writer's own line it dropped.
     Write { write: Write, dropped_upto: GrantId },
+    /// Write-back mode: a holder writes back its dirty line.
+    WriteBack { dirty: Dirty },
+}
+
+/// Where an operation's memory request is.
+#[derive(Clone, Debug)]
+enum MemoryPhase {
+    /// Not sent yet.
+    NotSent,
+    /// Sent, not answered.
+    InFlight,
+    /// Answered while demanded holders were still waited for (a write only).
+    Answered(Result<MemoryReply, MemoryError>),
+    /// Write-back mode: writing back a dirty write handed over with an acknowledgement,
+    /// before the operation's own request.
+    WritingBack,
 }
 
 /// Where an operation is.
@@ -91,13 +140,16 @@ enum OpKind {
 enum Phase {
     /// Queued behind the key's active operation.
     Queued,
-    /// Waiting for demanded holders (node → the deadline: its lease's end when demanded) and,
-    /// for a write, for the new-epoch wait to be over.
+    /// Waiting for demanded holders (node → the deadline: its lease's end when demanded), for
+    /// the new-epoch wait to be over, and for memory. A fill reads memory once its recalls are
+    /// done (the grant's state depends on them); a write sends its memory request at once
+    /// (the overlap in the module docs) and completes when memory and every holder answered.
     Waiting {
         waits: BTreeMap<NodeId, u64>,
         not_before: u64,
+        memory: MemoryPhase,
     },
-    /// The memory request is out.
+    /// Nothing left to wait for but memory's answer.
     Memory,
 }
 
@@ -119,6 +171,8 @@ struct Op {
     may_grant: bool,
     /// Highest grant its demands cover (every grant made before it started).
     upto: GrantId,
+    /// Write-back mode: a dirty write a demanded holder handed over, to write back first.
+    handed: Option<Dirty>,
     /// Where it is.
     phase: Phase,
 }
@@ -252,7 +306,22 @@ impl Directory {
             ToHome::Evicted { key, grant } if session.is_some() => {
                 self.on_evicted(now, from, &key, grant);
             }
-            ToHome::InvalidateAck { .. } | ToHome::RecallAck { .. } | ToHome::Evicted { .. } => {}
+            ToHome::DirtyAck {
+                key,
+                op,
+                kept,
+                dirty,
+            } if session.is_some() => {
+                self.stash(&key, from, op, dirty);
+                self.settle(now, from, &key, op, kept);
+            }
+            ToHome::WriteBack { req, key, dirty } => {
+                self.enqueue(now, key, from, req, session, OpKind::WriteBack { dirty });
+            }
+            ToHome::InvalidateAck { .. }
+            | ToHome::RecallAck { .. }
+            | ToHome::Evicted { .. }
+            | ToHome::DirtyAck { .. } => {}
         }
     }
 
@@ -261,18 +330,79 @@ impl Directory {
         let Some(key) = self.mem_ops.remove(&id) else {
             return;
         };
+        let Some(op) = self.keys.get_mut(&key).and_then(|e| e.active.as_mut()) else {
+            return;
+        };
+        if let Phase::Waiting { memory, .. } = &mut op.phase {
+            if matches!(memory, MemoryPhase::WritingBack) {
+                // The handed-over write: once memory has it, the operation's own request goes;
+                // if memory refused, it is tried again (it may be the only copy).
+                *memory = MemoryPhase::NotSent;
+                // Written, or refused for good (memory holds it or a newer version, or it is
+                // outside the key's latest reservation): either way it is not tried again.
+                if let Ok(reply) = result {
+                    op.handed = None;
+                    if reply == (MemoryReply::WrittenBack { applied: true }) {
+                        self.stats.dirty_written_back += 1;
+                    }
+                }
+                self.advance(now, &key);
+                return;
+            }
+            // A write whose invalidations are still out: it completes when they are done.
+            *memory = MemoryPhase::Answered(result);
+            self.advance(now, &key);
+            return;
+        }
         let Some(op) = self.keys.get_mut(&key).and_then(|e| e.active.take()) else {
             return;
         };
+        self.complete(now, key, op, result);
+    }
+
+    /// Answers the key's active operation `op` (taken out of its entry) with memory's `result`,
+    /// and starts the key's next operation. Every demand it made is settled by now.
+    fn complete(
+        &mut self,
+        now: u64,
+        key: String,
+        op: Op,
+        result: Result<MemoryReply, MemoryError>,
+    ) {
         let result = result.map_err(|e| match e {
             MemoryError::Unavailable(_) => CacheError::Unavailable(e.to_string()),
             MemoryError::Expired(why) => CacheError::Expired(why),
         });
-        let granted = |d: &mut Self, state| {
+        let block = self.cfg.write_back.as_ref().map_or(0, |wb| wb.block);
+        let granted = |d: &mut Self, state, base: Option<u64>| {
             let live = op.session.is_some() && d.leases.live_session(op.from, now) == op.session;
-            (op.may_grant && live).then(|| d.grant(&key, op.from, state))
+            let reserved =
+                base.filter(|_| LineState::is_exclusive(state))
+                    .map(|base| Reservation {
+                        base,
+                        limit: base.saturating_add(block),
+                    });
+            (op.may_grant && live).then(|| d.grant(&key, op.from, state, reserved))
+        };
+        let (result, base) = match result {
+            Ok(MemoryReply::ReadReserved(stored, base)) => {
+                (Ok(MemoryReply::Read(stored)), Some(base))
+            }
+            Ok(MemoryReply::WrittenReserved(w, base)) => (Ok(MemoryReply::Written(w)), Some(base)),
+            other => (other, None),
         };
         let reply = match (&op.kind, result) {
+            (OpKind::WriteBack { .. }, Ok(MemoryReply::WrittenBack { .. })) => {
+                self.stats.write_backs += 1;
+                ToNode::WriteBackDone {
+                    req: op.req,
+                    result: WriteBackResult::Written,
+                }
+            }
+            (OpKind::WriteBack { .. }, result) => ToNode::WriteBackDone {
+                req: op.req,
+                result: WriteBackResult::Failed(result.err().unwrap_or_else(mismatched_reply)),
+            },
             (OpKind::Fill, Ok(MemoryReply::Read(stored))) => {
                 // Every exclusive holder was recalled before the read: any other holder is
                 // Shared, so the requester shares, or has the key to itself.
@@ -286,7 +416,7 @@ impl Directory {
                     LineState::Shared
                 };
                 let line = if stored.value.is_some() {
-                    granted(self, state)
+                    granted(self, state, base)
                 } else {
                     None
                 };
@@ -297,10 +427,10 @@ impl Directory {
                 }
             }
             (OpKind::Write { write, .. }, Ok(MemoryReply::Written(result))) => {
-                // Every other holder was invalidated before memory was written.
+                // Every other holder has been invalidated (or its lease ran out) by now.
                 let line = match (&write.mutation, result) {
                     (Mutation::Set { .. }, WriteResult::Applied { .. }) => {
-                        granted(self, LineState::Modified)
+                        granted(self, LineState::Modified, base)
                     }
                     _ => None,
                 };
@@ -354,6 +484,7 @@ impl Directory {
                 // The holder's lease, as counted when the demand was made, is over: it serves
                 // nothing now, and any lease it gets later comes with the demand.
                 self.stats.lease_waits += 1;
+                self.gave_up(&key, node);
                 if let Some((upto, kind)) = self.stop_waiting(&key, node, None) {
                     self.apply_outcome(&key, node, upto, kind == DemandKind::Recall);
                 }
@@ -392,6 +523,9 @@ impl Directory {
     }
 
     fn forget_records(&mut self, now: u64, node: NodeId) {
+        for key in self.held_by.get(&node).cloned().unwrap_or_default() {
+            self.gave_up(&key, node);
+        }
         for key in self.held_by.remove(&node).unwrap_or_default() {
             if let Some(e) = self.keys.get_mut(&key) {
                 e.holders.remove(&node);
@@ -427,6 +561,7 @@ impl Directory {
             kind,
             may_grant: false,
             upto: 0,
+            handed: None,
             phase: Phase::Queued,
         };
         self.keys
@@ -449,24 +584,51 @@ impl Directory {
             self.remove_if_idle(key);
             return;
         };
+        if let OpKind::WriteBack { dirty } = &op.kind {
+            // Only the exclusive holder of that very grant, in its live session, may write
+            // back: anyone else's line was given up (and a later write may be in memory).
+            let holder = e
+                .holders
+                .get(&op.from)
+                .is_some_and(|h| h.state.is_exclusive() && h.grant == dirty.grant);
+            let live = op.session.is_some() && self.leases.live_session(op.from, now) == op.session;
+            if !(holder && live) {
+                self.stats.write_backs_refused += 1;
+                let reply = ToNode::WriteBackDone {
+                    req: op.req,
+                    result: WriteBackResult::NotHolder,
+                };
+                self.send(now, op.from, reply);
+                return self.start_next(now, key);
+            }
+        }
+        let write_back = self.cfg.write_back.is_some();
         op.upto = self.last_grant;
         let in_grace = now < self.grace_until;
         op.may_grant = op.session.is_some() && !in_grace;
+        // Every fill waits out the new-epoch wait too: a write of the old directory may have
+        // reached memory while its invalidations were still out (the overlap), and a reader
+        // answered from memory here could then see a value that a node of the old epoch, still
+        // under its lease, would not serve it right after.
         let (kind, targets, not_before) = match &op.kind {
             OpKind::Fill => {
                 // An uncached read needs no recall: in write-through every line equals memory.
-                let targets = if op.may_grant {
+                // In write-back mode an exclusive line may be newer than memory, so every fill
+                // recalls it, the requester's own too (dirty, but not servable right now).
+                let targets = if op.may_grant || write_back {
                     let from = op.from;
                     e.holders
                         .iter()
-                        .filter(|&(&n, h)| n != from && h.state.is_exclusive())
+                        .filter(|&(&n, h)| (n != from || write_back) && h.state.is_exclusive())
                         .map(|(&n, _)| n)
                         .collect()
                 } else {
                     Vec::new()
                 };
-                (DemandKind::Recall, targets, 0)
+                (DemandKind::Recall, targets, self.grace_until)
             }
+            // A recorded holder: granted after the new-epoch wait, and nothing to demand.
+            OpKind::WriteBack { .. } => (DemandKind::Recall, Vec::new(), 0),
             OpKind::Write { dropped_upto, .. } => {
                 // The writer dropped its line when it began; a line granted to it since (seen
                 // only with a delayed request) is invalidated like anyone's. Grant numbers mean
@@ -508,11 +670,16 @@ impl Directory {
                 }
                 // No live lease: the holder serves nothing; it is forgotten on the next tick.
                 _ => {
+                    self.gave_up(key, node);
                     self.apply_outcome(key, node, op.upto, kind == DemandKind::Recall);
                 }
             }
         }
-        op.phase = Phase::Waiting { waits, not_before };
+        op.phase = Phase::Waiting {
+            waits,
+            not_before,
+            memory: MemoryPhase::NotSent,
+        };
         if let Some(e) = self.keys.get_mut(key) {
             e.active = Some(op);
         }
@@ -520,39 +687,109 @@ impl Directory {
         self.advance(now, key);
     }
 
-    /// Sends the active operation's memory request once nothing holds it back.
+    /// Sends the active operation's memory request once nothing holds it back (for a write,
+    /// only the new-epoch wait does), and completes a write whose memory answered once its
+    /// demands are settled.
     fn advance(&mut self, now: u64, key: &str) {
-        let Some(op) = self.keys.get(key).and_then(|e| e.active.as_ref()) else {
+        let block = self.cfg.write_back.as_ref().map(|wb| wb.block);
+        let others = self.keys.get(key).map_or(0, |e| {
+            let from = e.active.as_ref().map(|op| op.from);
+            e.holders.keys().filter(|&&n| Some(n) != from).count()
+        });
+        let Some(op) = self.keys.get_mut(key).and_then(|e| e.active.as_mut()) else {
             self.waiting.remove(key);
             return;
         };
-        let Phase::Waiting { waits, not_before } = &op.phase else {
+        // In write-back mode an invalidated holder may hand over a dirty write, which must
+        // reach memory before this write: no overlap.
+        let overlaps = matches!(op.kind, OpKind::Write { .. }) && block.is_none();
+        let Phase::Waiting {
+            waits,
+            not_before,
+            memory,
+        } = &mut op.phase
+        else {
             self.waiting.remove(key);
             return;
         };
-        if !waits.is_empty() || now < *not_before {
+        let settled = waits.is_empty();
+        match memory {
+            MemoryPhase::NotSent if now >= *not_before && (settled || overlaps) => {}
+            MemoryPhase::Answered(_) if settled => {
+                let MemoryPhase::Answered(result) =
+                    std::mem::replace(memory, MemoryPhase::InFlight)
+                else {
+                    return;
+                };
+                self.waiting.remove(key);
+                if let Some(op) = self.keys.get_mut(key).and_then(|e| e.active.take()) {
+                    self.complete(now, key.to_string(), op, result);
+                }
+                return;
+            }
+            MemoryPhase::InFlight if settled => {
+                op.phase = Phase::Memory;
+                self.waiting.remove(key);
+                return;
+            }
+            _ => return,
+        }
+        if let Some(d) = op.handed.clone() {
+            // A handed-over dirty write first (settled: every demand is answered). Tried again
+            // a millisecond after a refusal.
+            *memory = MemoryPhase::WritingBack;
+            *not_before = now.saturating_add(1);
+            let mem = MemoryOp::WriteBack {
+                key: key.to_string(),
+                version: d.version,
+                value: d.value,
+            };
+            self.send_memory(key, mem);
             return;
         }
-        let mem = match &op.kind {
-            OpKind::Fill => MemoryOp::Read {
-                key: key.to_string(),
-            },
-            OpKind::Write { write, .. } => MemoryOp::Write {
-                key: key.to_string(),
+        *memory = MemoryPhase::InFlight;
+        let key_s = key.to_string();
+        let mem = match (&op.kind, block) {
+            // The requester will be the only holder: its E line comes with reserved versions.
+            (OpKind::Fill, Some(block)) if op.may_grant && others == 0 => {
+                MemoryOp::ReadReserve { key: key_s, block }
+            }
+            (OpKind::Fill, _) => MemoryOp::Read { key: key_s },
+            (OpKind::Write { write, .. }, Some(block))
+                if op.may_grant && matches!(write.mutation, Mutation::Set { .. }) =>
+            {
+                MemoryOp::WriteReserve {
+                    key: key_s,
+                    write: write.clone(),
+                    block,
+                }
+            }
+            (OpKind::Write { write, .. }, _) => MemoryOp::Write {
+                key: key_s,
                 write: write.clone(),
             },
+            (OpKind::WriteBack { dirty }, _) => MemoryOp::WriteBack {
+                key: key_s,
+                version: dirty.version,
+                value: dirty.value.clone(),
+            },
         };
+        if settled {
+            op.phase = Phase::Memory;
+            self.waiting.remove(key);
+        }
+        self.send_memory(key, mem);
+    }
+
+    /// Sends a memory request for `key`'s active operation.
+    fn send_memory(&mut self, key: &str, op: MemoryOp) {
         self.last_mem += 1;
         let id = self.last_mem;
         self.mem_ops.insert(id, key.to_string());
-        self.waiting.remove(key);
-        if let Some(op) = self.keys.get_mut(key).and_then(|e| e.active.as_mut()) {
-            op.phase = Phase::Memory;
-        }
         self.out.push(HomeEffect::Memory(MemoryRequest {
             id,
             epoch: self.epoch,
-            op: mem,
+            op,
         }));
     }
 
@@ -587,7 +824,7 @@ impl Directory {
         };
         waits.remove(&node)?;
         let kind = match active.kind {
-            OpKind::Fill => DemandKind::Recall,
+            OpKind::Fill | OpKind::WriteBack { .. } => DemandKind::Recall,
             OpKind::Write { .. } => DemandKind::Invalidate,
         };
         Some((active.upto, kind))
@@ -647,7 +884,13 @@ impl Directory {
     }
 
     /// Records `node` as holding `key` in `state` under a new grant.
-    fn grant(&mut self, key: &str, node: NodeId, state: LineState) -> LineGrant {
+    fn grant(
+        &mut self,
+        key: &str,
+        node: NodeId,
+        state: LineState,
+        reserved: Option<Reservation>,
+    ) -> LineGrant {
         self.last_grant += 1;
         self.stats.grants += 1;
         let grant = self.last_grant;
@@ -660,7 +903,51 @@ impl Directory {
             .entry(node)
             .or_default()
             .insert(key.to_string());
-        LineGrant { grant, state }
+        LineGrant {
+            grant,
+            state,
+            reserved,
+        }
+    }
+
+    /// Write-back mode: reports that the directory goes on without `node`'s line of `key`, if
+    /// it records that line as exclusive (only such a line can be dirty).
+    fn gave_up(&mut self, key: &str, node: NodeId) {
+        let exclusive = self
+            .keys
+            .get(key)
+            .and_then(|e| e.holders.get(&node))
+            .is_some_and(|h| h.state.is_exclusive());
+        if exclusive && self.cfg.write_back.is_some() {
+            self.out.push(HomeEffect::GaveUp {
+                node,
+                key: key.to_string(),
+            });
+        }
+    }
+
+    /// A dirty write handed over by `node` with its acknowledgement of `key`'s operation `op`:
+    /// kept on the operation, if it still waits for that node, to be written back first. (A
+    /// late one is not: the operation went on without it, as for a holder whose lease ran out.)
+    fn stash(&mut self, key: &str, node: NodeId, op: u64, dirty: Dirty) {
+        let Some(active) = self.keys.get(key).and_then(|e| e.active.as_ref()) else {
+            return;
+        };
+        let waiting =
+            matches!(&active.phase, Phase::Waiting { waits, .. } if waits.contains_key(&node));
+        // Only the line recorded as exclusive: an older line of the node's was given up on
+        // (and a newer reservation may have been made since).
+        let Some(e) = self.keys.get(key) else { return };
+        let recorded = e
+            .holders
+            .get(&node)
+            .is_some_and(|h| h.state.is_exclusive() && h.grant == dirty.grant);
+        let Some(active) = self.keys.get_mut(key).and_then(|e| e.active.as_mut()) else {
+            return;
+        };
+        if active.id == op && waiting && recorded {
+            active.handed = Some(dirty);
+        }
     }
 
     fn send(&mut self, now: u64, to: NodeId, msg: ToNode) {

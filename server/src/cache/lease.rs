@@ -60,6 +60,11 @@ impl NodeLease {
         self.stamp.session != 0 && now < self.until
     }
 
+    /// The node's clock at which the lease ends (hits stop); 0 without a lease.
+    pub fn until(&self) -> u64 {
+        self.until
+    }
+
     /// Milliseconds of lease left at `now`.
     pub fn remaining(&self, now: u64) -> u64 {
         if self.stamp.session == 0 {

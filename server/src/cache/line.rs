@@ -4,19 +4,29 @@
 //! session), the directory's grant number, and its TTL expiry on this node's clock. The store
 //! keeps at most `capacity` bytes of keys and values, evicting the least recently used lines to
 //! make room; the caller tells the directory about every line dropped (an Evicted notice), so
-//! its records stay close to the truth. In write-through mode no line is ever dirty, so an
-//! eviction writes nothing back.
+//! its records stay close to the truth. In write-through mode no line is ever dirty. In
+//! write-back mode a dirty line is never evicted: the node writes it back first, and the line
+//! may be evicted once clean (dirty lines may hold the store above its capacity meanwhile).
 //!
-//! The hit rule lives here ([`Lines::get`]): a line is served only if its lease is the node's
-//! current lease and that lease is valid now, and its TTL has not run out.
+//! The hit rule lives here ([`serves`]): a line is served only if its lease is the node's
+//! current lease and that lease is valid now, and its TTL has not run out. The store also
+//! remembers which keys changed since the shell last asked ([`Lines::take_changed`]), so the
+//! node's published read view ([`super::view`]) can follow it without a scan.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
 use super::lease::NodeLease;
-use super::message::Stamp;
+use super::message::{Dirty, Reservation, Stamp};
 use super::{GrantId, LineState, Version};
+
+/// The hit rule: `line` may be served at `now` under the lease `stamp` valid until `until` (the
+/// node's clock). One function, used by the core ([`Lines::servable`]) and by the published
+/// read view ([`super::view::ReadView`]), so the two can never disagree on what a hit is.
+pub fn serves(line: &Line, now: u64, stamp: Stamp, until: u64) -> bool {
+    stamp.session != 0 && now < until && line.stamp == stamp && !line.expired(now)
+}
 
 /// The bytes a line counts against the capacity: its key and its value.
 pub fn entry_size(key: &str, value: &Bytes) -> u64 {
@@ -38,6 +48,11 @@ pub struct Line {
     pub grant: GrantId,
     /// This node's clock at which the value's TTL runs out; `None`: never.
     pub expires_at: Option<u64>,
+    /// Write-back mode, E or M lines only: the versions local writes may take.
+    pub reserved: Option<Reservation>,
+    /// Write-back mode: this node's clock at the first local write not yet written back
+    /// (`None`: clean, memory holds this version).
+    pub dirty_since: Option<u64>,
     /// Position in the LRU order (higher: used more recently).
     last_used: u64,
 }
@@ -59,7 +74,23 @@ impl Line {
             stamp,
             grant,
             expires_at,
+            reserved: None,
+            dirty_since: None,
             last_used: 0,
+        }
+    }
+
+    /// True if the line holds a write memory does not have yet.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty_since.is_some()
+    }
+
+    /// The line's newest write, as handed to the directory to be written back.
+    pub fn newest_write(&self) -> Dirty {
+        Dirty {
+            grant: self.grant,
+            version: self.version,
+            value: self.value.clone(),
         }
     }
 
@@ -93,6 +124,8 @@ pub struct Lines {
     capacity: u64,
     /// The LRU clock.
     uses: u64,
+    /// Keys whose line was stored, removed or downgraded since [`Lines::take_changed`].
+    changed: BTreeSet<String>,
 }
 
 impl Lines {
@@ -105,6 +138,7 @@ impl Lines {
             bytes: 0,
             capacity,
             uses: 0,
+            changed: BTreeSet::new(),
         }
     }
 
@@ -113,7 +147,7 @@ impl Lines {
     pub fn servable(&self, now: u64, key: &str, lease: &NodeLease) -> Option<&Line> {
         self.lines
             .get(key)
-            .filter(|l| lease.serves(now) && l.stamp == lease.stamp() && !l.expired(now))
+            .filter(|l| serves(l, now, lease.stamp(), lease.until()))
     }
 
     /// The hit rule, for a read: the line if servable, marked as just used.
@@ -150,18 +184,25 @@ impl Lines {
             self.expiries.insert((t, key.to_string()));
         }
         self.bytes += size;
+        self.changed.insert(key.to_string());
         self.lines.insert(key.to_string(), line);
-        let mut evicted = Vec::new();
-        while self.bytes > self.capacity {
-            let Some((_, oldest)) = self.lru.iter().next().map(|(&u, k)| (u, k.clone())) else {
+        // Least recently used first; never the line just stored (it fits alone), never a dirty
+        // line (it must be written back first: the caller sees `over_capacity`).
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for (_, k) in self.lru.iter() {
+            if self.bytes - freed <= self.capacity {
                 break;
-            };
-            // The line just stored is the most recent, and fits alone: it is never chosen.
-            if let Some(dropped) = self.remove(&oldest) {
-                evicted.push(dropped);
+            }
+            match self.lines.get(k) {
+                Some(l) if k != key && !l.is_dirty() => {
+                    freed += entry_size(k, &l.value);
+                    victims.push(k.clone());
+                }
+                _ => {}
             }
         }
-        evicted
+        victims.iter().filter_map(|k| self.remove(k)).collect()
     }
 
     /// Removes the line for `key`.
@@ -172,17 +213,49 @@ impl Lines {
             self.expiries.remove(&(t, key.to_string()));
         }
         self.bytes -= entry_size(key, &line.value);
+        self.changed.insert(key.to_string());
         Some(Dropped {
             key: key.to_string(),
             line,
         })
     }
 
-    /// Downgrades an Exclusive or Modified line to Shared; returns true if a line remains.
+    /// True if dirty lines keep the store above its capacity (they are written back, then
+    /// evicted).
+    pub fn over_capacity(&self) -> bool {
+        self.bytes > self.capacity
+    }
+
+    /// Marks `key`'s line as written back up to `version`: clean if that is its version, or
+    /// dirty since `since` if it was written again meanwhile. Returns true if it is clean.
+    pub fn mark_written_back(
+        &mut self,
+        key: &str,
+        grant: GrantId,
+        version: Version,
+        since: u64,
+    ) -> bool {
+        let Some(l) = self.lines.get_mut(key).filter(|l| l.grant == grant) else {
+            return false;
+        };
+        if l.version <= version {
+            l.dirty_since = None;
+        } else {
+            l.dirty_since = Some(since);
+        }
+        self.changed.insert(key.to_string());
+        l.dirty_since.is_none()
+    }
+
+    /// Downgrades an Exclusive or Modified line to Shared; returns true if a line remains. The
+    /// line loses its reservation and counts as clean: the caller hands its write over first.
     pub fn downgrade(&mut self, key: &str) -> bool {
         match self.lines.get_mut(key) {
             Some(l) => {
                 l.state = l.state.min(LineState::Shared);
+                l.reserved = None;
+                l.dirty_since = None;
+                self.changed.insert(key.to_string());
                 true
             }
             None => false,
@@ -226,8 +299,20 @@ impl Lines {
         self.lines.is_empty()
     }
 
-    /// Marks `key` as just used.
-    fn touch(&mut self, key: &str) {
+    /// The keys whose line changed (stored, removed or downgraded) since the last call, each
+    /// with its line now (`None`: no line).
+    pub fn take_changed(&mut self) -> Vec<(String, Option<Line>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|k| {
+                let line = self.lines.get(&k).cloned();
+                (k, line)
+            })
+            .collect()
+    }
+
+    /// Marks `key` as just used (also for hits served from the read view, reported later).
+    pub fn touch(&mut self, key: &str) {
         if let Some(l) = self.lines.get_mut(key) {
             self.lru.remove(&l.last_used);
             self.uses += 1;

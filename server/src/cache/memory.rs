@@ -27,8 +27,17 @@
 //!    epoch and is refused in an entry of another term. Redis needs the epoch checked in the
 //!    same script as the write.
 //! 5. **TTL**: memory stamps the expiry (the leader's clock) and reports the time left on read.
+//! 6. **Reservations** (write-back mode only): [`MemoryOp::ReadReserve`] and
+//!    [`MemoryOp::WriteReserve`] set aside `block` versions of the key, `base + 1 ..= base +
+//!    block` with `base` at least the key's version and at least every earlier reservation's
+//!    limit, and from then on give the key only versions above that limit. A
+//!    [`MemoryOp::WriteBack`] writes a value with its own version, only if that version is
+//!    inside the key's latest reservation and above the key's version; otherwise it changes
+//!    nothing and answers `WrittenBack { applied: false }`.
 
-use super::{Epoch, Stored, message::Write, message::WriteResult};
+use bytes::Bytes;
+
+use super::{Epoch, Stored, Version, message::Write, message::WriteResult};
 
 /// A memory request's id, chosen by the directory.
 pub type MemOpId = u64;
@@ -47,6 +56,33 @@ pub enum MemoryOp {
         key: String,
         /// What to write; for CompareAndSet, the version to expect.
         write: Write,
+    },
+    /// Write-back mode: a read for a fill that grants an exclusive line, which also reserves
+    /// `block` versions of the key (contract rule 6).
+    ReadReserve {
+        /// The key.
+        key: String,
+        /// How many versions to reserve.
+        block: u64,
+    },
+    /// Write-back mode: a write that grants its writer a Modified line, which also reserves
+    /// `block` versions after the write's own.
+    WriteReserve {
+        /// The key.
+        key: String,
+        /// What to write.
+        write: Write,
+        /// How many versions to reserve.
+        block: u64,
+    },
+    /// Write-back mode: a value a holder wrote locally, with the version it gave it.
+    WriteBack {
+        /// The key.
+        key: String,
+        /// The holder's version, inside the key's latest reservation.
+        version: Version,
+        /// The value (it carries no TTL: local writes are Sets without one).
+        value: Bytes,
     },
 }
 
@@ -73,6 +109,17 @@ pub enum MemoryReply {
     /// write's value may have been overwritten since, so memory's current version is not the
     /// write's.
     Duplicate(WriteResult),
+    /// The answer to a ReadReserve: the read, and the reservation's base.
+    ReadReserved(Stored, Version),
+    /// The answer to a WriteReserve: the write's result, and the reservation's base.
+    WrittenReserved(WriteResult, Version),
+    /// The answer to a WriteBack: `applied` false if memory will never take that version: it
+    /// holds it or a newer one (a duplicate), or the version is outside the key's latest
+    /// reservation (a newer exclusive grant was made, so this line was given up on).
+    WrittenBack {
+        /// True if this request wrote the value.
+        applied: bool,
+    },
 }
 
 /// Why a memory request failed. Whatever the reason, it did not take effect and never will.

@@ -111,6 +111,30 @@ pub struct LineGrant {
     pub grant: GrantId,
     /// Shared, Exclusive or Modified.
     pub state: LineState,
+    /// Write-back mode, exclusive lines only: the versions the holder may give local writes.
+    pub reserved: Option<Reservation>,
+}
+
+/// Versions memory set aside for one key and one exclusive grant: the holder numbers its
+/// local writes `base + 1 ..= limit`, above the line's own version, and memory never gives
+/// any of them to the key afterwards (its next version for the key is above `limit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// Local writes are numbered above this (at least the key's version at reservation).
+    pub base: Version,
+    /// The highest version the holder may use.
+    pub limit: Version,
+}
+
+/// A dirty line's newest write, handed to the directory to be written back to memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dirty {
+    /// The grant of the line (the directory checks it is its record's).
+    pub grant: GrantId,
+    /// The version the node gave the write (inside the line's reservation).
+    pub version: Version,
+    /// The value.
+    pub value: Bytes,
 }
 
 /// What a demand asks a holder to do to its line.
@@ -185,6 +209,32 @@ pub enum ToHome {
         /// True if the node kept a Shared line.
         kept: bool,
     },
+    /// Write-back mode: an InvalidateAck (`kept` false) or RecallAck (`kept` true) from a
+    /// holder whose line was dirty, with the line's newest write. The directory writes it back
+    /// before the operation that demanded it reads or writes memory. The node keeps `dirty`
+    /// and sends it again with every acknowledgement of the same demand until a lease grant no
+    /// longer carries the demand.
+    DirtyAck {
+        /// The key.
+        key: String,
+        /// The demand's operation.
+        op: u64,
+        /// True if the node kept a Shared line (a recall).
+        kept: bool,
+        /// The unwritten write.
+        dirty: Dirty,
+    },
+    /// Write-back mode: write back my dirty line of `key` (a periodic flush, an eviction, or a
+    /// write that cannot be served locally waits for it). Refused unless the directory records
+    /// the node as the key's exclusive holder under `dirty.grant`.
+    WriteBack {
+        /// Request id, echoed.
+        req: ReqId,
+        /// The key.
+        key: String,
+        /// The newest write.
+        dirty: Dirty,
+    },
     /// The node dropped its line of `key` granted as `grant` (eviction, TTL, or a reply it did
     /// not install): the directory may stop counting it as a holder. A notice for an older
     /// grant than the directory's record is ignored.
@@ -229,6 +279,27 @@ pub enum ToNode {
         /// The writer's new line, if recorded.
         line: Option<LineGrant>,
     },
-    /// Give up or downgrade a line; answer with InvalidateAck or RecallAck.
+    /// Give up or downgrade a line; answer with InvalidateAck or RecallAck (DirtyAck if the
+    /// line was dirty).
     Demand(Demand),
+    /// The answer to a WriteBack.
+    WriteBackDone {
+        /// The request.
+        req: ReqId,
+        /// The outcome.
+        result: WriteBackResult,
+    },
+}
+
+/// What became of a node's WriteBack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteBackResult {
+    /// Memory holds that version (or a newer one).
+    Written,
+    /// The directory does not record the node as the exclusive holder under that grant: it
+    /// has given up on the line (the node's lease ran out as it counts it), so the write can
+    /// never be written back. The node drops the line.
+    NotHolder,
+    /// Memory refused; the line stays dirty and the node tries again.
+    Failed(CacheError),
 }

@@ -22,24 +22,29 @@
 //! - [`memory`]: the requests the directory makes of the backing store (the replicated state
 //!   machine or Redis), and the contract that store must honour.
 //! - [`node`]: [`CacheNode`], the node side: Get, Set, Delete, CompareAndSet, ticks, messages.
+//! - [`view`]: [`view::ReadView`], the lines and lease a node publishes so that hits are served
+//!   without a call into its task, and the two rules that keep them as safe as the core's.
 //! - [`directory`]: [`Directory`], the home side: holders per key, per-key serialization of
 //!   fills and writes, leases, epochs.
 //! - [`sim`]: the deterministic simulator and its invariants, one function each.
 //!
 //! ## The rules, in one place
 //! 1. **Hit rule** (node): a line is served only while the node's lease is valid and the line
-//!    belongs to that lease (same epoch and session).
-//! 2. **Chubby's rule** (directory): a write reaches memory only after every other copy has
+//!    belongs to that lease (same epoch and session). The published read view applies the same
+//!    rule, and is updated before the node acknowledges anything.
+//! 2. **Chubby's rule** (directory): a write completes only after every other copy has
 //!    acknowledged its invalidation or the holder's lease, as the directory counts it, has
 //!    run out. Lease grants sent after the invalidation began carry it ("demands"), so a lease
-//!    can only be extended past that point by a node that has dropped the line.
+//!    can only be extended past that point by a node that has dropped the line. The memory
+//!    write overlaps the invalidations: until the write completes, nobody can read the new
+//!    value (rules 3 and 5), so an old line served meanwhile is not stale (see [`directory`]).
 //! 3. **Serialization** (directory): one fill or write per key at a time; the others queue.
 //! 4. **Race rule** (node): a fill or write reply installs a line only if no invalidation or
 //!    recall covering its grant arrived while it was in flight, it belongs to the node's
 //!    current lease, and no newer line for the key was installed meanwhile.
 //! 5. **Epoch rule**: a new directory (a new Raft leader, epoch = its term) starts with no
-//!    holders, caches nothing and writes nothing until every lease of the previous epoch has
-//!    run out; nodes drop every line of an older epoch when they learn of a newer one.
+//!    holders, caches nothing, writes nothing and reads nothing for anyone until every lease
+//!    of the previous epoch has run out; nodes drop every line of an older epoch when they learn of a newer one.
 
 pub mod directory;
 pub mod lease;
@@ -48,6 +53,7 @@ pub mod memory;
 pub mod message;
 pub mod node;
 pub mod sim;
+pub mod view;
 
 #[cfg(test)]
 mod tests;
@@ -92,9 +98,9 @@ pub enum LineState {
     Shared,
     /// The only copy, equal to memory, obtained by a read.
     Exclusive,
-    /// The only copy, written by this node. In write-through mode (the only mode implemented)
-    /// memory already holds it, so it is not dirty: it differs from Exclusive only in how it
-    /// was obtained, which `State` reports.
+    /// The only copy, written by this node. In write-through mode memory already holds it, so
+    /// it differs from Exclusive only in how it was obtained, which `State` reports. In
+    /// write-back mode it may be dirty: newer than memory until it is written back.
     Modified,
 }
 
@@ -156,6 +162,26 @@ pub struct CacheConfig {
     pub capacity_bytes: u64,
     /// Largest value accepted, in bytes.
     pub max_value_bytes: u64,
+    /// Write-back mode (`None`: write-through, memory updated before a write returns). Only the
+    /// directory's setting decides whether exclusive lines come with reserved versions, so
+    /// every node of a cluster must agree.
+    pub write_back: Option<WriteBackConfig>,
+}
+
+/// Write-back mode: a node holding a key in E or M writes it locally (E→M without a message)
+/// and writes it back later. Writes acknowledged locally and not yet written back are lost if
+/// the node crashes, is cut off from the directory for a lease, or the directory changes
+/// (see `docs/cache.md`, "Write-back").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteBackConfig {
+    /// The longest a dirty line's first unflushed write waits before the node writes it back;
+    /// once a line has been dirty this long it takes no more local writes until it is clean,
+    /// so the writes a node can lose per key all fall within one such interval.
+    pub flush_ms: u64,
+    /// How many versions memory reserves for a key when the directory grants an exclusive
+    /// line: the holder numbers its local writes inside that block, and memory never gives
+    /// those versions to the key afterwards, even if the holder's writes are lost.
+    pub block: u64,
 }
 
 impl Default for CacheConfig {
@@ -167,6 +193,7 @@ impl Default for CacheConfig {
             op_timeout_ms: 10_000,
             capacity_bytes: 64 << 20,
             max_value_bytes: 1 << 20,
+            write_back: None,
         }
     }
 }
@@ -185,6 +212,11 @@ impl CacheConfig {
         }
         if self.max_value_bytes == 0 || self.capacity_bytes == 0 {
             return Err("capacity_bytes and max_value_bytes must be at least 1".into());
+        }
+        if let Some(wb) = &self.write_back
+            && (wb.flush_ms < 2 || wb.block == 0)
+        {
+            return Err("write-back needs flush_ms >= 2 and block >= 1".into());
         }
         Ok(())
     }

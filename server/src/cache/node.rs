@@ -4,7 +4,9 @@
 //! [`CacheNode::on_message`] for every message from the directory, and [`CacheNode::tick`]
 //! every few milliseconds; after each call it carries out [`CacheNode::take_effects`]: messages
 //! to send to the directory (the current Raft leader), answers to clients, and invalidation
-//! events for Subscribe streams. A Get that hits is answered at once by `get` itself.
+//! events for Subscribe streams. A Get that hits is answered at once by `get` itself. The shell
+//! also publishes the node's lines and lease after every call ([`CacheNode::take_view_changes`],
+//! [`super::view`]) and serves most hits from that published view, without calling in here.
 //!
 //! What the node guarantees, and how:
 //! - **Hit rule**: a line is served only under the node's current, valid lease ([`Lines::get`]).
@@ -19,17 +21,26 @@
 //!   with either value.
 //! - **Acknowledgements** promise the node holds nothing the demand covers, in-flight replies
 //!   included; that is what lets the directory complete a write on them.
+//! - **Write-back mode** (`CacheConfig::write_back`): a Set without TTL or request header on a
+//!   servable E or M line that has a reservation is applied to the line at once (E→M without a
+//!   message), with the next reserved version; the line is dirty. A dirty line is written back
+//!   (a `WriteBack` through the directory) half a flush interval after its first unflushed
+//!   write, when it is chosen for eviction, or when a write must go through the directory; an
+//!   acknowledgement of a demand on a dirty line carries its newest write (`DirtyAck`), kept
+//!   until the directory has settled the demand. A line dirty for a whole flush interval takes
+//!   no more local writes. Writes that cannot be local wait until the key's line is clean.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
 use super::lease::{GrantEffect, NodeLease};
 use super::line::{Dropped, Line, Lines};
 use super::message::{
-    Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
-    WriteResult,
+    Demand, DemandKind, Dirty, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
+    WriteBackResult, WriteResult,
 };
+use super::view::ViewChanges;
 use super::{CacheConfig, CacheError, Epoch, GrantId, LineState, NodeId, OpId, Stored, Version};
 
 /// The answer to a read.
@@ -41,6 +52,21 @@ pub struct Read {
     pub hit: bool,
     /// This node's line for the key after the read.
     pub state: LineState,
+}
+
+impl Read {
+    /// A hit served from `line` at `now` (the node's clock).
+    pub fn hit(line: &Line, now: u64) -> Self {
+        Read {
+            stored: Stored {
+                version: line.version,
+                value: Some(line.value.clone()),
+                ttl_left_ms: line.expires_at.map(|t| t.saturating_sub(now)),
+            },
+            hit: true,
+            state: line.state,
+        }
+    }
 }
 
 /// What a finished client operation returns.
@@ -124,6 +150,19 @@ pub struct NodeStats {
     pub expirations: u64,
     /// Times the lease ran out before it was renewed.
     pub lease_lapses: u64,
+    /// Write-back mode: writes served on a local E or M line.
+    pub local_writes: u64,
+    /// Write-back mode: WriteBacks sent (periodic flushes, evictions, writes waiting).
+    pub write_backs: u64,
+    /// Write-back mode: WriteBacks sent because a dirty line was chosen for eviction.
+    pub eviction_write_backs: u64,
+    /// Write-back mode: WriteBacks refused by memory (retried).
+    pub write_backs_failed: u64,
+    /// Write-back mode: dirty lines handed over with a demand's acknowledgement.
+    pub dirty_handed_over: u64,
+    /// Write-back mode: dirty lines dropped unwritten (new session or epoch, or the directory
+    /// had given up on them).
+    pub dirty_lost: u64,
 }
 
 /// This node's line for a key, for the State call.
@@ -154,6 +193,30 @@ struct Pending {
     is_write: bool,
 }
 
+/// A write waiting for its key's dirty line to be written back (write-back mode).
+#[derive(Clone, Debug)]
+struct Parked {
+    /// The client operation.
+    op: OpId,
+    /// The write.
+    write: Write,
+    /// When it was asked for (it fails as Unavailable after the timeout: it was never sent).
+    at: u64,
+}
+
+/// A WriteBack waiting for its answer.
+#[derive(Clone, Debug)]
+struct Flush {
+    /// The key.
+    key: String,
+    /// The line's grant and the version written back.
+    grant: GrantId,
+    /// The version written back.
+    version: Version,
+    /// When sent: a write after this is not covered by it.
+    sent_at: u64,
+}
+
 /// The node side of the coherence protocol.
 #[derive(Clone, Debug)]
 pub struct CacheNode {
@@ -173,6 +236,17 @@ pub struct CacheNode {
     pending: BTreeMap<ReqId, Pending>,
     /// Effects not yet taken by the shell.
     out: Vec<NodeEffect>,
+    /// The lease (stamp and end) as last handed out by [`CacheNode::take_view_changes`].
+    published_lease: (Stamp, u64),
+    /// Write-back mode: writes waiting for their key's line to be clean, in arrival order.
+    parked: BTreeMap<String, VecDeque<Parked>>,
+    /// Write-back mode: WriteBacks in flight.
+    flushes: BTreeMap<ReqId, Flush>,
+    /// Write-back mode: dirty writes handed over with a demand's acknowledgement, by key and
+    /// demand, sent again with every repeat of the demand until a grant no longer carries it.
+    handed_over: BTreeMap<(String, u64), Dirty>,
+    /// Write-back mode: dirty lines chosen for eviction, evicted once written back.
+    evict_when_clean: BTreeSet<String>,
     /// Counters.
     stats: NodeStats,
 }
@@ -191,6 +265,11 @@ impl CacheNode {
             lease: NodeLease::default(),
             pending: BTreeMap::new(),
             out: Vec::new(),
+            published_lease: (Stamp::default(), 0),
+            parked: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            handed_over: BTreeMap::new(),
+            evict_when_clean: BTreeSet::new(),
             stats: NodeStats::default(),
         }
     }
@@ -210,15 +289,7 @@ impl CacheNode {
     pub fn get(&mut self, now: u64, op: OpId, key: &str) -> Result<Lookup, CacheError> {
         self.cfg.validate_entry(key, None)?;
         if let Some(line) = self.lines.get(now, key, &self.lease) {
-            let read = Read {
-                stored: Stored {
-                    version: line.version,
-                    value: Some(line.value.clone()),
-                    ttl_left_ms: line.expires_at.map(|t| t.saturating_sub(now)),
-                },
-                hit: true,
-                state: line.state,
-            };
+            let read = Read::hit(line, now);
             self.stats.hits += 1;
             return Ok(Lookup::Hit(read));
         }
@@ -236,13 +307,196 @@ impl CacheNode {
     /// completes, reads here miss and queue behind it at the directory. (The request names the
     /// dropped line's grant, and the directory spares only that line its invalidation: if the
     /// node kept it, a write whose answer was lost would leave it serving the old value.)
+    ///
+    /// In write-back mode a write may instead be served on the node's own E or M line at once
+    /// ([`CacheNode::write_locally`]), or wait until the key's dirty line is written back.
     pub fn write(&mut self, now: u64, op: OpId, key: &str, write: Write) -> Result<(), CacheError> {
+        let value = match &write.mutation {
+            Mutation::Set { value, .. } => Some(value),
+            Mutation::Delete => None,
+        };
+        self.cfg.validate_entry(key, value)?;
+        if self.cfg.write_back.is_some() {
+            if let Some(result) = self.write_locally(now, key, &write) {
+                self.stats.local_writes += 1;
+                self.done(op, Ok(Answer::Write(result)));
+                return Ok(());
+            }
+            let dirty = self.lines.peek(key).is_some_and(Line::is_dirty);
+            if dirty || self.parked.contains_key(key) {
+                // Dropping a dirty line would lose its writes: write it back first.
+                let at = now;
+                self.parked
+                    .entry(key.to_string())
+                    .or_default()
+                    .push_back(Parked { op, write, at });
+                self.flush(now, key);
+                return Ok(());
+            }
+        }
+        self.write_through(now, op, key, write);
+        Ok(())
+    }
+
+    /// Write-back mode: serves `write` on this node's line if it may, and returns its result.
+    /// Only a Set without TTL (or its CompareAndSet) that carries no request header: a retry's
+    /// first attempt may have been applied anywhere, which only memory can tell, so a tagged
+    /// write goes through the directory. The line must be servable, exclusive, have a reserved
+    /// version left, no write waiting before this one, and not have been dirty for a whole
+    /// flush interval (that bounds what a crash can lose).
+    fn write_locally(&mut self, now: u64, key: &str, write: &Write) -> Option<WriteResult> {
+        let flush_ms = self.cfg.write_back.as_ref()?.flush_ms;
+        let Mutation::Set {
+            value,
+            ttl_ms: None,
+        } = &write.mutation
+        else {
+            return None;
+        };
+        if write.tag.is_some() || self.parked.contains_key(key) {
+            return None;
+        }
+        let line = self.lines.servable(now, key, &self.lease)?;
+        let r = line.reserved.filter(|_| line.state.is_exclusive())?;
+        if line
+            .dirty_since
+            .is_some_and(|t| now >= t.saturating_add(flush_ms))
+        {
+            return None;
+        }
+        if let Some(expected) = write.expect
+            && expected != line.version
+        {
+            // The line is the only copy and memory is not newer: its version is the key's.
+            return Some(WriteResult::Mismatch {
+                current: line.version,
+            });
+        }
+        let version = line.version.max(r.base) + 1;
+        if version > r.limit {
+            return None;
+        }
+        let mut updated = Line::new(
+            LineState::Modified,
+            value.clone(),
+            version,
+            line.stamp,
+            line.grant,
+            None,
+        );
+        updated.reserved = Some(r);
+        updated.dirty_since = Some(line.dirty_since.unwrap_or(now));
+        for d in self.lines.insert(key, updated) {
+            self.stats.evictions += 1;
+            self.notify_dropped(d, InvalidationReason::Evicted);
+        }
+        self.evict_dirty_if_full(now);
+        Some(WriteResult::Applied {
+            version,
+            existed: true,
+        })
+    }
+
+    /// Dirty lines keep the store over its capacity (after a local write or an installed
+    /// reply): write them back, to evict them once clean.
+    fn evict_dirty_if_full(&mut self, now: u64) {
+        if !self.lines.over_capacity() {
+            return;
+        }
+        let dirty: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|(_, l)| l.is_dirty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in dirty {
+            if self.evict_when_clean.insert(key.clone()) {
+                self.stats.eviction_write_backs += 1;
+            }
+            self.flush(now, &key);
+        }
+    }
+
+    /// Sends a WriteBack of `key`'s dirty line, unless one is in flight.
+    fn flush(&mut self, now: u64, key: &str) {
+        if self.flushes.values().any(|f| f.key == key) {
+            return;
+        }
+        let Some(line) = self.lines.peek(key).filter(|l| l.is_dirty()) else {
+            return;
+        };
+        let dirty = line.newest_write();
+        let req = self.next_req();
+        self.flushes.insert(
+            req,
+            Flush {
+                key: key.to_string(),
+                grant: dirty.grant,
+                version: dirty.version,
+                sent_at: now,
+            },
+        );
+        self.stats.write_backs += 1;
+        self.send(ToHome::WriteBack {
+            req,
+            key: key.to_string(),
+            dirty,
+        });
+    }
+
+    /// The directory answered a WriteBack.
+    fn on_write_back_done(&mut self, now: u64, req: ReqId, result: WriteBackResult) {
+        let Some(f) = self.flushes.remove(&req) else {
+            return;
+        };
+        match result {
+            WriteBackResult::Written => {
+                let clean = self
+                    .lines
+                    .mark_written_back(&f.key, f.grant, f.version, f.sent_at);
+                if clean
+                    && self.evict_when_clean.remove(&f.key)
+                    && let Some(d) = self.lines.remove(&f.key)
+                {
+                    self.stats.evictions += 1;
+                    self.notify_dropped(d, InvalidationReason::Evicted);
+                }
+            }
+            WriteBackResult::NotHolder => {
+                // The directory gave up on this line (its lease ran out as the directory counts
+                // it): these writes can never reach memory, and a later write may already have.
+                if self
+                    .lines
+                    .peek(&f.key)
+                    .is_some_and(|l| l.grant == f.grant && l.is_dirty())
+                    && let Some(d) = self.lines.remove(&f.key)
+                {
+                    self.stats.dirty_lost += 1;
+                    self.report(d, InvalidationReason::LeaseExpired);
+                }
+            }
+            WriteBackResult::Failed(_) => self.stats.write_backs_failed += 1,
+        }
+        self.release_parked(now, &f.key);
+    }
+
+    /// Sends the writes waiting for `key`'s line once it is clean (or gone).
+    fn release_parked(&mut self, now: u64, key: &str) {
+        if self.lines.peek(key).is_some_and(Line::is_dirty) {
+            return;
+        }
+        self.evict_when_clean.remove(key);
+        for p in self.parked.remove(key).unwrap_or_default() {
+            self.write_through(now, p.op, key, p.write);
+        }
+    }
+
+    /// Sends a write to the directory (the write-through path).
+    fn write_through(&mut self, now: u64, op: OpId, key: &str, write: Write) {
         let installs = match &write.mutation {
             Mutation::Set { value, ttl_ms } => Some((value.clone(), *ttl_ms)),
             Mutation::Delete => None,
         };
-        self.cfg
-            .validate_entry(key, installs.as_ref().map(|(v, _)| v))?;
         let reason = match write.mutation {
             Mutation::Set { .. } => InvalidationReason::Written,
             Mutation::Delete => InvalidationReason::Deleted,
@@ -263,7 +517,6 @@ impl CacheNode {
             write,
             dropped_upto,
         });
-        Ok(())
     }
 
     /// A directory of `epoch` exists (a new Raft leader of that term): every line of an older
@@ -286,7 +539,7 @@ impl CacheNode {
                 sent_at,
                 lease_ms,
                 demands,
-            } => self.on_grant(env.stamp, sent_at, lease_ms, demands),
+            } => self.on_grant(now, env.stamp, sent_at, lease_ms, demands),
             ToNode::FillReply { req, result, line } => {
                 let Some(p) = self.pending.remove(&req) else {
                     return;
@@ -296,6 +549,7 @@ impl CacheNode {
                     Some((value, s.version, s.ttl_left_ms))
                 });
                 let state = self.settle(&p, line, current, install);
+                self.evict_dirty_if_full(now);
                 let answer = result.map(|stored| {
                     Answer::Read(Read {
                         stored,
@@ -316,15 +570,17 @@ impl CacheNode {
                     _ => None,
                 };
                 self.settle(&p, line, current, install);
+                self.evict_dirty_if_full(now);
                 self.done(p.op, result.map(Answer::Write));
             }
             ToNode::Demand(d) => {
                 // A demand of another session concerns lines this node no longer has (it
                 // dropped them on changing session), and nobody waits for its answer.
                 if current {
-                    self.apply_demand(d);
+                    self.apply_demand(now, d);
                 }
             }
+            ToNode::WriteBackDone { req, result } => self.on_write_back_done(now, req, result),
         }
     }
 
@@ -352,6 +608,9 @@ impl CacheNode {
             self.stats.expirations += 1;
             self.notify_dropped(d, InvalidationReason::Expired);
         }
+        if let Some(wb) = self.cfg.write_back.clone() {
+            self.tick_write_back(now, wb.flush_ms);
+        }
         let timeout = self.cfg.op_timeout_ms;
         let late: Vec<ReqId> = self
             .pending
@@ -375,9 +634,69 @@ impl CacheNode {
         }
     }
 
+    /// Write-back mode: retries WriteBacks that got no answer, fails writes that waited too
+    /// long for a clean line (never sent: Unavailable), and writes back every dirty line half a
+    /// flush interval after its first unflushed write, or sooner if a write waits for it.
+    fn tick_write_back(&mut self, now: u64, flush_ms: u64) {
+        let timeout = self.cfg.op_timeout_ms;
+        self.flushes
+            .retain(|_, f| now.saturating_sub(f.sent_at) < timeout);
+        let mut late = Vec::new();
+        for waiting in self.parked.values_mut() {
+            while waiting
+                .front()
+                .is_some_and(|p| now.saturating_sub(p.at) >= timeout)
+            {
+                late.extend(waiting.pop_front());
+            }
+        }
+        self.parked.retain(|_, w| !w.is_empty());
+        for p in late {
+            let why = format!(
+                "the key's dirty line was not written back within {timeout} ms; the write was not sent"
+            );
+            self.done(p.op, Err(CacheError::Unavailable(why)));
+        }
+        let due: Vec<String> = self
+            .lines
+            .iter()
+            .filter(|(k, l)| {
+                l.dirty_since
+                    .is_some_and(|t| now >= t.saturating_add(flush_ms / 2))
+                    || (l.is_dirty()
+                        && (self.parked.contains_key(*k) || self.evict_when_clean.contains(*k)))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.flush(now, &key);
+        }
+    }
+
     /// The line for `key` if it would be served as a hit at `now` (changes nothing).
     pub fn servable(&self, now: u64, key: &str) -> Option<&Line> {
         self.lines.servable(now, key, &self.lease)
+    }
+
+    /// What changed in the lines and the lease since the last call, for the node's published
+    /// [`ReadView`](super::view::ReadView). The caller applies it after every call into the
+    /// node and before carrying out that call's effects (see [`super::view`]).
+    pub fn take_view_changes(&mut self) -> ViewChanges {
+        let lease = (self.lease.stamp(), self.lease.until());
+        let lease = (lease != self.published_lease).then(|| {
+            self.published_lease = lease;
+            lease
+        });
+        ViewChanges {
+            lines: self.lines.take_changed(),
+            lease,
+        }
+    }
+
+    /// Moves `key`'s line to the most recently used end of the LRU order: a hit was served
+    /// from the read view, which does not touch the core.
+    pub fn touch(&mut self, key: &str) {
+        self.lines.touch(key);
     }
 
     /// This node's view of `key`, for the State call.
@@ -417,6 +736,15 @@ impl CacheNode {
         self.send(ToHome::LeaseRenew { sent_at: now });
     }
 
+    /// A request id never used before, in this run or an earlier one.
+    fn next_req(&mut self) -> ReqId {
+        self.last_seq += 1;
+        ReqId {
+            incarnation: self.incarnation,
+            seq: self.last_seq,
+        }
+    }
+
     /// Registers a request and returns its id.
     fn track(
         &mut self,
@@ -426,11 +754,7 @@ impl CacheNode {
         installs: Option<(Bytes, Option<u64>)>,
         is_write: bool,
     ) -> ReqId {
-        self.last_seq += 1;
-        let req = ReqId {
-            incarnation: self.incarnation,
-            seq: self.last_seq,
-        };
+        let req = self.next_req();
         self.pending.insert(
             req,
             Pending {
@@ -479,7 +803,7 @@ impl CacheNode {
             return LineState::Invalid;
         };
         let expires_at = ttl.map(|t| p.sent_at.saturating_add(t));
-        let line = Line::new(
+        let mut line = Line::new(
             g.state,
             value,
             version,
@@ -487,6 +811,7 @@ impl CacheNode {
             g.grant,
             expires_at,
         );
+        line.reserved = g.reserved.filter(|_| g.state.is_exclusive());
         let mut state = g.state;
         for d in self.lines.insert(&p.key, line) {
             if d.key == p.key {
@@ -520,54 +845,100 @@ impl CacheNode {
         });
     }
 
-    fn on_grant(&mut self, stamp: Stamp, sent_at: u64, lease_ms: u64, demands: Vec<Demand>) {
+    fn on_grant(
+        &mut self,
+        now: u64,
+        stamp: Stamp,
+        sent_at: u64,
+        lease_ms: u64,
+        demands: Vec<Demand>,
+    ) {
         match self.lease.on_grant(stamp, sent_at, lease_ms) {
             GrantEffect::Ignored => return,
             // The directory forgot every line of the previous session: serve none of them.
             GrantEffect::NewSession => self.drop_all(InvalidationReason::LeaseExpired),
-            GrantEffect::Extended => {}
+            GrantEffect::Extended => {
+                // A demand the grant no longer carries is settled: its handed-over write is
+                // the directory's now (or was given up with the holder's lease).
+                self.handed_over
+                    .retain(|(k, op), _| demands.iter().any(|d| &d.key == k && d.op == *op));
+            }
         }
         // Applied within the same step as the extension: no hit is served in between, so the
         // lease is never longer than the directory allows for a node that ignored a demand.
         for d in demands {
-            self.apply_demand(d);
+            self.apply_demand(now, d);
         }
     }
 
-    fn apply_demand(&mut self, d: Demand) {
+    fn apply_demand(&mut self, now: u64, d: Demand) {
         self.poison(&d.key, d.upto);
         let covered = self.lines.peek(&d.key).is_some_and(|l| l.grant <= d.upto);
-        match d.kind {
+        // A dirty line's newest write goes with the acknowledgement, and is kept for repeats.
+        if let Some(l) = self.lines.peek(&d.key).filter(|l| covered && l.is_dirty()) {
+            let dirty = l.newest_write();
+            self.stats.dirty_handed_over += 1;
+            self.handed_over.insert((d.key.clone(), d.op), dirty);
+            self.evict_when_clean.remove(&d.key);
+        }
+        let handed = self.handed_over.get(&(d.key.clone(), d.op)).cloned();
+        let kept = match d.kind {
             DemandKind::Invalidate => {
                 self.stats.invalidations_received += 1;
                 if covered && let Some(dropped) = self.lines.remove(&d.key) {
                     self.report(dropped, InvalidationReason::Written);
                 }
-                self.send(ToHome::InvalidateAck {
-                    key: d.key,
-                    op: d.op,
-                });
+                false
             }
             DemandKind::Recall => {
                 self.stats.recalls_received += 1;
-                let kept = if covered {
+                let dirty = self.lines.peek(&d.key).is_some_and(Line::is_dirty);
+                if covered && dirty {
+                    // A dirty line is not kept as Shared: the directory may give up on this
+                    // acknowledgement (it counts the lease as of the demand), and then memory
+                    // would not hold the value the Shared copy serves.
+                    if let Some(dropped) = self.lines.remove(&d.key) {
+                        self.report(dropped, InvalidationReason::Written);
+                    }
+                    false
+                } else if covered {
                     self.lines.downgrade(&d.key)
                 } else {
                     self.lines.peek(&d.key).is_some()
-                };
-                self.send(ToHome::RecallAck {
-                    key: d.key,
-                    op: d.op,
-                    kept,
-                });
+                }
             }
+        };
+        let (key, op) = (d.key.clone(), d.op);
+        match (handed, d.kind) {
+            (Some(dirty), _) => self.send(ToHome::DirtyAck {
+                key,
+                op,
+                kept,
+                dirty,
+            }),
+            (None, DemandKind::Invalidate) => self.send(ToHome::InvalidateAck { key, op }),
+            (None, DemandKind::Recall) => self.send(ToHome::RecallAck { key, op, kept }),
         }
+        // The line is clean or gone: writes waiting for it go to the directory.
+        self.release_parked(now, &d.key);
     }
 
-    /// Drops every line (new session or epoch). No notice: the directory has forgotten them.
+    /// Drops every line (new session or epoch). No notice: the directory has forgotten them,
+    /// and with them any write not written back (write-back mode: lost). Writes waiting for a
+    /// clean line fail as never sent.
     fn drop_all(&mut self, reason: InvalidationReason) {
         for d in self.lines.take_all() {
+            if d.line.is_dirty() {
+                self.stats.dirty_lost += 1;
+            }
             self.report(d, reason);
+        }
+        self.handed_over.clear();
+        self.flushes.clear();
+        self.evict_when_clean.clear();
+        for p in std::mem::take(&mut self.parked).into_values().flatten() {
+            let why = "the cache lease was lost while the write waited; it was not sent";
+            self.done(p.op, Err(CacheError::Unavailable(why.into())));
         }
     }
 

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::message::{
     Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
-    WriteResult,
+    WriteResult, WriteTag,
 };
 use super::node::{Answer, Lookup, NodeEffect};
 use super::sim::{SimConfig, World};
@@ -150,7 +150,11 @@ fn fill_reply(req: ReqId, version: u64, grant: u64, state: LineState) -> Envelop
                 value: Some(Bytes::from_static(b"old")),
                 ttl_left_ms: None,
             }),
-            line: Some(LineGrant { grant, state }),
+            line: Some(LineGrant {
+                grant,
+                state,
+                reserved: None,
+            }),
         },
     }
 }
@@ -354,7 +358,9 @@ fn a_write_waits_for_the_lease_of_a_holder_it_cannot_reach() {
     w.cut(2, true, true);
     let started = w.now();
     let op = w.start_write(1, "k", set("v2")).expect("ok");
+    let old = w.memory_version("k");
     let mut done_at = None;
+    let mut overlapped = false;
     for _ in 0..300 {
         w.advance(1).expect("invariants hold");
         if serving(&w, 2, "k") != LineState::Invalid {
@@ -362,12 +368,18 @@ fn a_write_waits_for_the_lease_of_a_holder_it_cannot_reach() {
                 w.wait(op, 0).expect("ok").is_none(),
                 "the write completed while node 2 still served the old value"
             );
+            // The memory write does not wait for the invalidation round: it overlaps it.
+            overlapped |= w.memory_version("k") > old;
         } else if done_at.is_none() && w.wait(op, 0).expect("ok").is_some() {
             done_at = Some(w.now());
             break;
         }
     }
     let done_at = done_at.expect("the write completed once node 2's lease ran out");
+    assert!(
+        overlapped,
+        "memory was written while the invalidation was still out"
+    );
     assert!(
         done_at - started > 50,
         "it waited for the lease: {} ms",
@@ -437,11 +449,19 @@ fn a_new_epoch_writes_nothing_until_every_old_lease_has_run_out() {
     );
     // Every node dropped its epoch-1 lines on hearing of epoch 2.
     assert_eq!(serving(&w, 3, "k"), LineState::Invalid);
-    // Reads during the wait are answered from memory but not cached.
+    // Reads during the wait wait it out too (a write of the old directory may have reached
+    // memory while a node of the old epoch still serves the value before it), and are not
+    // cached.
     w.change_epoch(0);
     w.advance(1).expect("ok");
+    let started = w.now();
     let (_, _, hit, state) = read(&mut w, 3, "k");
     assert_eq!((hit, state), (false, LineState::Invalid));
+    assert!(
+        w.now() - started >= cfg.directory_lease_ms() - 1,
+        "the read waited L + margin: {} ms",
+        w.now() - started
+    );
     w.advance(SETTLE_MS).expect("ok");
     assert_eq!(read(&mut w, 3, "k").3, LineState::Exclusive);
 }
@@ -718,8 +738,176 @@ fn a_write_stamped_with_an_older_epoch_still_invalidates_its_writers_line() {
             if dm.kind == DemandKind::Invalidate)
     });
     assert!(invalidated, "{effects:?}");
+    // The memory write overlaps the invalidation, but the write completes only after it.
+    let memory_write = effects
+        .iter()
+        .find_map(|e| match e {
+            HomeEffect::Memory(r) => Some(r.id),
+            _ => None,
+        })
+        .expect("the memory write goes out with the invalidation");
+    let applied = WriteResult::Applied {
+        version: 4,
+        existed: true,
+    };
+    d.on_memory(t, memory_write, Ok(MemoryReply::Written(applied)));
+    let effects = d.take_effects();
     assert!(
-        !effects.iter().any(|e| matches!(e, HomeEffect::Memory(_))),
-        "memory waits"
+        !effects.iter().any(|e| matches!(
+            e,
+            HomeEffect::ToNode {
+                msg: Envelope {
+                    msg: ToNode::WriteDone { .. },
+                    ..
+                },
+                ..
+            }
+        )),
+        "the write waits for the invalidation: {effects:?}"
+    );
+}
+
+// ----- write-back mode -----------------------------------------------------------------------
+
+/// A calm world in write-back mode, flushing `flush_ms` after a line's first unflushed write.
+fn write_back_world(nodes: usize, flush_ms: u64) -> World {
+    let mut cfg = SimConfig::calm(nodes);
+    cfg.cache.write_back = Some(super::WriteBackConfig { flush_ms, block: 8 });
+    let mut w = World::new(7, cfg);
+    w.advance(SETTLE_MS).expect("invariants hold");
+    w
+}
+
+/// A write-back world in which node 1 wrote `k` = "v1" through the directory (an M line with
+/// reserved versions) and then "v2" locally: returns the world and both versions.
+fn dirty_world(flush_ms: u64) -> (World, u64, u64) {
+    let mut w = write_back_world(2, flush_ms);
+    let v1 = write_ok(&mut w, 1, "k", set("v1"));
+    let Some(WriteResult::Applied { version: v2, .. }) = write_locally(&mut w, 1, "k", set("v2"))
+    else {
+        panic!("node 1 holds k in M with reserved versions: its write is local");
+    };
+    (w, v1, v2)
+}
+
+/// Starts a write and returns its answer if it came within the same call (served locally).
+fn write_locally(w: &mut World, node: u64, key: &str, write: Write) -> Option<WriteResult> {
+    let op = w.start_write(node, key, write).expect("invariants hold");
+    match w.answered(op) {
+        Some(Ok(Answer::Write(r))) => Some(r),
+        None => None,
+        other => panic!("write on node {node}: {other:?}"),
+    }
+}
+
+#[test]
+fn an_exclusive_holder_writes_locally_without_a_message_and_memory_is_behind() {
+    let (mut w, v1, v2) = dirty_world(1_000);
+    assert!(v2 > v1);
+    assert_eq!(w.memory_version("k"), v1, "not written back yet");
+    assert_eq!(serving(&w, 1, "k"), LineState::Modified);
+    // A CompareAndSet compares with the line, which is the key's newest version.
+    let mut cas = set("v3");
+    cas.expect = Some(v1);
+    assert_eq!(
+        write_locally(&mut w, 1, "k", cas),
+        Some(WriteResult::Mismatch { current: v2 })
+    );
+}
+
+#[test]
+fn a_read_elsewhere_makes_the_dirty_holder_write_back_first() {
+    let (mut w, _, v2) = dirty_world(1_000);
+    let (value, version, hit, state) = read(&mut w, 2, "k");
+    assert_eq!(
+        (value.as_deref(), version, hit),
+        (Some(&b"v2"[..]), v2, false)
+    );
+    assert_eq!(
+        w.memory_version("k"),
+        v2,
+        "written back before the fill read memory"
+    );
+    // The dirty holder dropped its line with the recall; the reader has the key to itself.
+    assert_eq!(serving(&w, 1, "k"), LineState::Invalid);
+    assert_eq!(state, LineState::Exclusive);
+}
+
+#[test]
+fn a_write_elsewhere_sees_the_dirty_version_and_comes_after_it() {
+    let (mut w, v1, v2) = dirty_world(1_000);
+    let mut cas = set("v3");
+    cas.expect = Some(v2);
+    let v3 = write_ok(&mut w, 2, "k", cas);
+    // Node 1's write reserved versions v1 + 1 ..= v1 + 8 (block 8) for its line.
+    assert!(v3 > v1 + 8, "above node 1's reserved block");
+    assert_eq!(serving(&w, 1, "k"), LineState::Invalid);
+}
+
+#[test]
+fn a_dirty_line_is_written_back_within_the_flush_interval_and_stays_modified() {
+    let (mut w, _, v2) = dirty_world(40);
+    w.advance(40).expect("invariants hold");
+    assert_eq!(w.memory_version("k"), v2);
+    assert_eq!(serving(&w, 1, "k"), LineState::Modified);
+    assert!(
+        write_locally(&mut w, 1, "k", set("v3")).is_some(),
+        "clean M writes locally"
+    );
+}
+
+#[test]
+fn a_line_dirty_for_a_whole_flush_interval_takes_no_more_local_writes() {
+    let (mut w, _, _) = dirty_world(40);
+    // Memory refuses every write-back: the line stays dirty.
+    w.memory_outage(200);
+    w.advance(39).expect("invariants hold");
+    assert!(
+        write_locally(&mut w, 1, "k", set("v3")).is_some(),
+        "still inside the interval"
+    );
+    w.advance(1).expect("invariants hold");
+    assert_eq!(
+        write_locally(&mut w, 1, "k", set("v4")),
+        None,
+        "waits for the line to be written back"
+    );
+}
+
+#[test]
+fn tagged_writes_deletes_and_ttls_are_not_served_locally() {
+    let mut w = write_back_world(2, 1_000);
+    write_ok(&mut w, 1, "k", set("v1"));
+    let mut tagged = set("t");
+    tagged.tag = Some(WriteTag {
+        client_id: 9,
+        sequence: 1,
+        lowest_unacked: 1,
+    });
+    assert_eq!(write_locally(&mut w, 1, "k", tagged), None);
+    write_ok(&mut w, 1, "k", set("v2"));
+    let ttl = Write {
+        mutation: Mutation::Set {
+            value: Bytes::from_static(b"x"),
+            ttl_ms: Some(1_000),
+        },
+        expect: None,
+        tag: None,
+    };
+    assert_eq!(write_locally(&mut w, 1, "k", ttl), None);
+}
+
+#[test]
+fn a_crashed_holder_loses_its_unflushed_writes_but_never_a_version() {
+    let (mut w, v1, v2) = dirty_world(1_000);
+    w.crash_node(1, 10_000);
+    // Node 2's read waits out node 1's lease (the recall gets no answer), then reads memory:
+    // the lost write is gone.
+    let (_, version, _, _) = read(&mut w, 2, "k");
+    assert_eq!(version, v1);
+    let v3 = write_ok(&mut w, 2, "k", set("v3"));
+    assert!(
+        v3 > v2 + 8 - 1,
+        "above node 1's whole reserved block, {v3} vs {v2}"
     );
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sync_proto::raft::v1 as pb;
 
+use super::tls::{NodeTls, TlsFlags};
+
 /// Whether the node founds a cluster or joins one that runs already.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,7 +81,8 @@ pub struct Flags {
     #[arg(long, env = "SYNCD_PEER_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub peer_timeout: Option<Duration>,
-    /// Take a snapshot and compact the log after this many applied entries.
+    /// Take a snapshot and compact the log after this many applied entries, once at least as
+    /// many bytes of entries as the last snapshot holds were applied too.
     #[arg(long, env = "SYNCD_SNAPSHOT_THRESHOLD")]
     pub snapshot_threshold: Option<u64>,
     /// Whether Publish, Consume and Subscribe create a missing topic with default settings
@@ -110,6 +113,27 @@ pub struct Flags {
     /// Every node of a cluster must name the same.
     #[arg(long, env = "SYNCD_CACHE_BACKEND")]
     pub cache_backend: Option<String>,
+    /// Serve gRPC over TLS with this certificate (PEM; the chain, leaf first). Peers are then
+    /// reached over TLS too. Needs --key-file and --trusted-ca-file.
+    #[arg(long, env = "SYNCD_CERT_FILE", value_name = "PATH")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SYNCD_KEY_FILE", value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that peers' certificates, and with --client-cert-auth clients'
+    /// certificates, must chain to.
+    #[arg(long, env = "SYNCD_TRUSTED_CA_FILE", value_name = "PATH")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Refuse callers (clients and peers) without a certificate signed by --trusted-ca-file.
+    #[arg(
+        long,
+        env = "SYNCD_CLIENT_CERT_AUTH",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub client_cert_auth: Option<bool>,
     /// Log format: text or json.
     #[arg(long, env = "SYNCD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -168,6 +192,8 @@ pub struct Settings {
     pub cache: crate::cache::CacheConfig,
     /// Where the cache's memory lives.
     pub cache_backend: CacheBackend,
+    /// TLS on the gRPC port and towards peers (`None`: plaintext).
+    pub tls: Option<NodeTls>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -361,6 +387,10 @@ impl Flags {
             cache_capacity_bytes,
             cache_max_value_bytes,
             cache_backend,
+            cert_file,
+            key_file,
+            trusted_ca_file,
+            client_cert_auth,
             log_format,
             log_level
         );
@@ -519,6 +549,12 @@ impl Flags {
             return err("--metrics-listen must differ from --listen");
         }
         let cache = self.cache_config()?;
+        let tls = NodeTls::load(&TlsFlags {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            trusted_ca_file: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth.unwrap_or(false),
+        })?;
         let cluster_id = if initial.members.is_empty() {
             String::new()
         } else {
@@ -551,6 +587,7 @@ impl Flags {
             queue_auto_create: self.queue_auto_create.unwrap_or(true),
             cache,
             cache_backend,
+            tls,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             log_level: self.log_level.clone().unwrap_or_else(|| "info".into()),
         })
@@ -717,6 +754,107 @@ mod tests {
             s.queue_auto_create,
             "topics are auto-created unless switched off"
         );
+    }
+
+    #[test]
+    fn tls_material_is_checked_at_start_and_every_mistake_is_one_line_naming_flag_and_file() {
+        let material = sync_tests::TlsMaterial::generate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (node, client, ca) = (material.node(), material.client(), material.ca());
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "not PEM at all\n").unwrap();
+        let tls = |cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>, auth: bool| Flags {
+            cert_file: cert.map(Path::to_path_buf),
+            key_file: key.map(Path::to_path_buf),
+            trusted_ca_file: ca.map(Path::to_path_buf),
+            client_cert_auth: Some(auth),
+            ..flags(&dir.path().join("d"), 1, CLUSTER)
+        };
+        let ok = tls(Some(&node.cert), Some(&node.key), Some(&ca), true)
+            .resolve()
+            .unwrap();
+        assert!(ok.tls.as_ref().is_some_and(|t| t.client_cert_auth()));
+        assert!(
+            tls(None, None, None, false)
+                .resolve()
+                .unwrap()
+                .tls
+                .is_none()
+        );
+        let missing = dir.path().join("missing.pem");
+        let cases = [
+            (
+                tls(Some(&node.cert), None, Some(&ca), false),
+                "needs --key-file",
+            ),
+            (
+                tls(None, Some(&node.key), Some(&ca), false),
+                "needs --cert-file",
+            ),
+            (
+                tls(Some(&node.cert), Some(&node.key), None, false),
+                "needs --trusted-ca-file",
+            ),
+            (
+                tls(Some(&node.cert), Some(&node.key), None, true),
+                "--client-cert-auth needs",
+            ),
+            (tls(None, None, None, true), "--client-cert-auth needs"),
+            (tls(None, None, Some(&ca), false), "without --cert-file"),
+            (
+                tls(Some(&missing), Some(&node.key), Some(&ca), false),
+                "cannot read --cert-file",
+            ),
+            (
+                tls(Some(&not_pem), Some(&node.key), Some(&ca), false),
+                "--cert-file",
+            ),
+            (
+                tls(Some(&node.cert), Some(&not_pem), Some(&ca), false),
+                "--key-file",
+            ),
+            (
+                tls(Some(&node.cert), Some(&node.key), Some(&not_pem), false),
+                "--trusted-ca-file",
+            ),
+            // The client's key does not belong to the node's certificate.
+            (
+                tls(Some(&node.cert), Some(&client.key), Some(&ca), false),
+                "--key-file",
+            ),
+        ];
+        for (i, (f, expected)) in cases.into_iter().enumerate() {
+            let e = f.resolve().unwrap_err().to_string();
+            assert!(
+                e.contains(expected),
+                "case {i}: {e:?} should mention {expected:?}"
+            );
+            assert!(!e.contains('\n'), "case {i}: one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn tls_flags_come_from_the_config_file_and_client_cert_auth_needs_no_value() {
+        use clap::Parser;
+        let parsed = Flags::try_parse_from(["syncd", "--client-cert-auth"]).unwrap();
+        assert_eq!(parsed.client_cert_auth, Some(true));
+        let parsed = Flags::try_parse_from(["syncd", "--client-cert-auth=false"]).unwrap();
+        assert_eq!(parsed.client_cert_auth, Some(false));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("syncd.toml");
+        std::fs::write(
+            &file,
+            "cert-file = \"/etc/syncd/node.pem\"\nclient-cert-auth = true\n",
+        )
+        .unwrap();
+        let merged = Flags {
+            config: Some(file),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .unwrap();
+        assert_eq!(merged.cert_file, Some(PathBuf::from("/etc/syncd/node.pem")));
+        assert_eq!(merged.client_cert_auth, Some(true));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`config`]: flags, environment, config file, data-dir identity.
 //! - [`driver`]: the one task that owns the engine and the replicated state.
 //! - [`persist`]: the WAL thread (group commit).
+//! - [`tls`]: TLS on the gRPC port and on every connection to a peer.
 //! - [`transport`]: Raft RPCs to and from peers.
 //! - [`NodeHandle`]: what the public API services use to propose, read and administer.
 //!
@@ -18,6 +19,7 @@ pub mod config;
 pub mod driver;
 pub mod logging;
 pub mod persist;
+pub mod tls;
 pub mod transport;
 
 use std::sync::{Arc, RwLock};

@@ -2,9 +2,10 @@
 //!
 //! The driver hands it one [`PersistJob`] per Ready and goes on working; the worker takes every
 //! job waiting at that moment and makes them all durable with a single fsync (group commit),
-//! then reports each job done, in order. A job's `after` messages (votes, acknowledgements) are
-//! returned with its completion so that the driver sends them only once what they promise is
-//! on disk.
+//! then reports each job done, in order. A job's `after` deliveries (votes, acknowledgements,
+//! already bound to their reply channels by the driver) are run here, right after the fsync: a
+//! message is sent only once what it promises is on disk, and without a hop back through the
+//! driver.
 //!
 //! A failed write or fsync is fatal: after a failed fsync nobody knows what is on disk, so the
 //! node stops rather than acknowledge anything more (what etcd and PostgreSQL do).
@@ -17,8 +18,10 @@ use sync_proto::raft::v1 as pb;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::record;
-use crate::raft::Message;
 use crate::storage::{LogStore, StorageError, Wal};
+
+/// Sends one message that promises durable state; run by the worker once that state is durable.
+pub type Delivery = Box<dyn FnOnce() + Send>;
 
 /// Work for the worker.
 pub enum PersistJob {
@@ -30,8 +33,8 @@ pub enum PersistJob {
         entries: Vec<pb::Entry>,
         /// Hard state to store.
         hard_state: Option<pb::HardState>,
-        /// Messages to release once durable.
-        after: Vec<Message>,
+        /// Messages to send once durable, in this order.
+        after: Vec<Delivery>,
     },
     /// A snapshot of the local state machine to save (then the log before it is compacted).
     SaveSnapshot {
@@ -48,8 +51,6 @@ pub enum PersistDone {
     Written {
         /// Last entry of the job, if it had entries: `(index, term)`.
         last: Option<(u64, u64)>,
-        /// Its messages, now safe to send.
-        after: Vec<Message>,
     },
     /// A snapshot was saved durably.
     SnapshotSaved {
@@ -96,22 +97,30 @@ fn run_batch(
     batch: Vec<PersistJob>,
     done: &UnboundedSender<PersistDone>,
 ) -> Result<(), StorageError> {
-    let mut pending: Vec<PersistDone> = Vec::new();
+    let mut pending: Vec<(PersistDone, Vec<Delivery>)> = Vec::new();
     let mut entries_in_batch = 0u64;
-    let flush = |wal: &mut Wal, pending: &mut Vec<PersistDone>, entries: &mut u64| {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        wal.sync()?;
-        record::wal_fsync(started.elapsed());
-        record::wal_batch(*entries as usize);
-        *entries = 0;
-        for d in pending.drain(..) {
-            let _ = done.send(d);
-        }
-        Ok::<(), StorageError>(())
-    };
+    let flush =
+        |wal: &mut Wal, pending: &mut Vec<(PersistDone, Vec<Delivery>)>, entries: &mut u64| {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            wal.sync()?;
+            record::wal_fsync(started.elapsed());
+            record::wal_batch(*entries as usize);
+            *entries = 0;
+            // Answers first: they are what a waiting leader's commit needs; the driver's own
+            // bookkeeping can follow.
+            for (_, after) in pending.iter_mut() {
+                for send in after.drain(..) {
+                    send();
+                }
+            }
+            for (d, _) in pending.drain(..) {
+                let _ = done.send(d);
+            }
+            Ok::<(), StorageError>(())
+        };
     for job in batch {
         match job {
             PersistJob::Write {
@@ -132,10 +141,12 @@ fn run_batch(
                     wal.set_hard_state(hs)?;
                 }
                 entries_in_batch += entries.len() as u64;
-                pending.push(PersistDone::Written {
-                    last: entries.last().map(|e| (e.index, e.term)),
+                pending.push((
+                    PersistDone::Written {
+                        last: entries.last().map(|e| (e.index, e.term)),
+                    },
                     after,
-                });
+                ));
             }
             PersistJob::SaveSnapshot { meta, data } => {
                 flush(wal, &mut pending, &mut entries_in_batch)?;

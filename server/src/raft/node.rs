@@ -41,6 +41,8 @@ pub struct PeerStatus {
     pub next: u64,
     /// Replication state.
     pub state: ProgressState,
+    /// AppendEntries sent and not yet acknowledged (Replicate state's pipeline depth).
+    pub inflight: usize,
     /// A learner (does not vote).
     pub learner: bool,
     /// Ticks since the leader last heard from the peer.
@@ -306,6 +308,7 @@ impl RaftNode {
                 matched: p.matched,
                 next: p.next,
                 state: p.state,
+                inflight: p.inflights.len(),
                 learner: p.learner,
                 ticks_since_contact: self.ticks.saturating_sub(p.last_contact_tick),
             })

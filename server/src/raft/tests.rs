@@ -419,6 +419,113 @@ fn pipelining_sends_up_to_the_inflight_window_without_waiting() {
     assert_eq!(peers[0].next, n.last_index() - 10 + 1);
 }
 
+fn append_rejected(from: u64, term: u64, prev: u64, hint: u64) -> Message {
+    Message::AppendEntriesResponse(pb::AppendEntriesResponse {
+        term,
+        from,
+        to: 1,
+        rejected: true,
+        index: prev,
+        hint_index: hint,
+        ..Default::default()
+    })
+}
+
+/// The AppendEntries (not heartbeats) in `msgs`, as (prev_log_index, first, last) entry index.
+fn appends_sent(msgs: &[Message]) -> Vec<(u64, u64, u64)> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Message::AppendEntries(r) if !r.heartbeat => Some((
+                r.prev_log_index,
+                r.entries.first().map_or(0, |e| e.index),
+                r.entries.last().map_or(0, |e| e.index),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Leader 1 of {1, 2} with follower 2 in Replicate state, caught up: (engine, term, match).
+fn replicating_leader() -> (RaftNode, u64, u64) {
+    let mut n = restored(1, &[1, 2], 1, &[1], 1);
+    make_leader(&mut n, &[2]);
+    let term = n.term();
+    n.step(append_ok(2, 1, term, n.last_index())).unwrap();
+    let _ = persist(&mut n);
+    let matched = n.last_index();
+    (n, term, matched)
+}
+
+#[test]
+fn a_rejected_pipelined_message_falls_back_to_probing_from_the_match_point() {
+    let (mut n, term, matched) = replicating_leader();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        n.propose(Bytes::from(format!("{i}")), None).unwrap();
+        sent.extend(appends_sent(&persist(&mut n)));
+    }
+    assert_eq!(
+        sent,
+        vec![
+            (matched, matched + 1, matched + 1),
+            (matched + 1, matched + 2, matched + 2),
+            (matched + 2, matched + 3, matched + 3)
+        ],
+        "three messages in flight without waiting"
+    );
+    assert_eq!(n.peers()[0].inflight, 3);
+    // The first message was lost: the follower rejects the second, whose prev it lacks.
+    n.step(append_rejected(2, term, matched + 1, matched))
+        .unwrap();
+    let probe = appends_sent(&persist(&mut n));
+    let p = &n.peers()[0];
+    assert_eq!(p.state, ProgressState::Probe);
+    assert_eq!(p.inflight, 0, "the window is forgotten on the way to Probe");
+    assert_eq!(
+        probe,
+        vec![(matched, matched + 1, matched + 3)],
+        "one probe, resending everything after the match point"
+    );
+    // The rejection of the third message answers a message the leader already gave up on.
+    n.step(append_rejected(2, term, matched + 2, matched))
+        .unwrap();
+    assert!(
+        appends_sent(&persist(&mut n)).is_empty(),
+        "a stale rejection sends nothing while the probe is out"
+    );
+    assert_eq!(n.peers()[0].next, matched + 1);
+    // The probe is accepted: back to streaming.
+    n.step(append_ok(2, 1, term, matched + 3)).unwrap();
+    let _ = persist(&mut n);
+    let p = &n.peers()[0];
+    assert_eq!(
+        (p.state, p.matched),
+        (ProgressState::Replicate, matched + 3)
+    );
+}
+
+#[test]
+fn a_late_acknowledgement_inside_the_window_frees_only_the_messages_it_covers() {
+    let (mut n, term, matched) = replicating_leader();
+    for i in 0..4 {
+        n.propose(Bytes::from(format!("{i}")), None).unwrap();
+        let _ = persist(&mut n);
+    }
+    assert_eq!(n.peers()[0].inflight, 4);
+    // Answers arrive out of order: the third, then (late) the first.
+    n.step(append_ok(2, 1, term, matched + 3)).unwrap();
+    let _ = persist(&mut n);
+    assert_eq!(n.peers()[0].inflight, 1);
+    n.step(append_ok(2, 1, term, matched + 1)).unwrap();
+    let _ = persist(&mut n);
+    let p = &n.peers()[0];
+    assert_eq!(
+        (p.state, p.matched, p.inflight),
+        (ProgressState::Replicate, matched + 3, 1),
+        "an older acknowledgement neither lowers the match nor frees the fourth message"
+    );
+}
+
 // ----- reads ---------------------------------------------------------------------------------
 
 /// The highest read round among the heartbeats in `msgs`.

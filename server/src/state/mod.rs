@@ -344,6 +344,13 @@ impl ReplicatedState {
 
     /// Encodes the whole state.
     pub fn snapshot(&self) -> Vec<u8> {
+        self.snapshot_message().encode_to_vec()
+    }
+
+    /// The whole state as a message, not yet encoded: a copy that no later command changes (values
+    /// are shared `Bytes`), so that the node can encode it off its driver task while it goes on
+    /// applying.
+    pub fn snapshot_message(&self) -> ipb::StateSnapshot {
         let (clients, forgotten) = self.dedup.export();
         ipb::StateSnapshot {
             applied_index: self.applied_index,
@@ -380,7 +387,6 @@ impl ReplicatedState {
             queues: Some(self.queues.snapshot()),
             cache: Some(self.cache.snapshot()),
         }
-        .encode_to_vec()
     }
 
     /// Rebuilds the state from [`ReplicatedState::snapshot`]'s bytes.

@@ -78,7 +78,11 @@ fn check_reads(wal: &Wal, model: &MemStore) -> Result<(), TestCaseError> {
 
 fn run_model(ops: Vec<Op>, segment_size: u64) -> Result<(), TestCaseError> {
     let tmp = scratch().map_err(fail)?;
-    let options = WalOptions { segment_size };
+    // Preallocation capped by the small segments, so that frames land in zeros and past them.
+    let options = WalOptions {
+        segment_size,
+        preallocate: 256,
+    };
     let (mut wal, _) = Wal::open(tmp.path(), options.clone()).map_err(fail)?;
     let mut model = MemStore::new();
     let mut term = 1u64;

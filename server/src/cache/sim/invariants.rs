@@ -39,21 +39,67 @@ pub fn single_writer_multiple_readers(key: &str, lines: &[Servable]) -> Result<(
     ))
 }
 
-/// (2) Servable lines are never stale: each holds the version memory holds now. (Memory is
-/// written only after every servable copy is gone, so this is the strongest form of "a hit
-/// never returns a value older than a completed write".)
+/// (0) The node's published read view serves exactly what its core would serve (after every
+/// call into the core, the view is updated before anything else happens).
+pub fn view_matches_core(
+    key: &str,
+    node: NodeId,
+    core: Option<&Line>,
+    view: Option<&Line>,
+) -> Result<(), String> {
+    // Everything but the LRU position, which hits from the view move in the core only.
+    let same = |a: &Line, b: &Line| {
+        (a.state, &a.value, a.version, a.stamp, a.grant, a.expires_at)
+            == (b.state, &b.value, b.version, b.stamp, b.grant, b.expires_at)
+    };
+    let agree = match (core, view) {
+        (Some(a), Some(b)) => same(a, b),
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    if agree {
+        Ok(())
+    } else {
+        Err(format!(
+            "key {key}: node {node}'s core serves {core:?} but its read view serves {view:?}"
+        ))
+    }
+}
+
+/// (2) Servable lines are never stale: each holds the version memory holds now, or the one
+/// just before it while nobody has seen the newer one (no writer was answered with it and no
+/// reader returned it). A write's memory request overlaps its invalidations, so memory can be
+/// one write ahead of the lines for a while; this says it is never more than that, and never
+/// once the write could be known.
 pub fn servable_lines_match_memory(
     key: &str,
     lines: &[Servable],
     memory: &SimMemory,
+    history: &History,
+    now: Instant,
 ) -> Result<(), String> {
     let current = memory.version(key);
-    match lines.iter().find(|s| s.line.version != current) {
+    let seen = |newest: Option<(Version, Instant)>| newest.is_some_and(|(v, _)| v >= current);
+    let unseen =
+        !seen(history.newest_write_before(key, now)) && !seen(history.newest_read_before(key, now));
+    let previous = memory.previous_version(key);
+    // Write-back mode: a dirty exclusive line is ahead of memory, inside the key's latest
+    // reservation (single writer / multiple readers makes it the only servable line).
+    let reservation = memory.reservation(key);
+    let dirty_ok = |l: &Line| {
+        l.is_dirty()
+            && l.state.is_exclusive()
+            && l.version > current
+            && reservation.is_some_and(|(base, limit)| base < l.version && l.version <= limit)
+    };
+    let ok = |l: &Line| l.version == current || (unseen && l.version == previous) || dirty_ok(l);
+    match lines.iter().find(|s| !ok(s.line)) {
         None => Ok(()),
         Some(s) => Err(format!(
-            "key {key}: node {} serves version {} but memory holds version {current}; lines: {}",
+            "key {key}: node {} serves version {} but memory holds version {current} (before \
+             it: {previous}, seen by a client: {}); lines: {}",
             s.node,
             s.line.version,
+            !unseen,
             describe(lines)
         )),
     }
@@ -225,14 +271,15 @@ pub fn failed_write_left_no_trace(
     }
 }
 
-/// (10) An acknowledged write is the one memory applied with that version.
+/// (10) An acknowledged write is the one memory applied with that version (write-back mode: a
+/// write acknowledged by the directory; a local write is checked by (11)).
 pub fn acknowledged_write_was_applied(
     memory: &SimMemory,
     key: &str,
     version: Version,
     value: Option<&Bytes>,
 ) -> Result<(), String> {
-    match memory.written(key, version) {
+    match memory.applied(key, version) {
         Some(w) if w.value.as_ref() == value => Ok(()),
         other => Err(format!(
             "key {key}: a write of {value:?} was acknowledged as version {version}, but memory \
@@ -257,4 +304,52 @@ fn describe(lines: &[Servable]) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// (11) Write-back mode: a version is given to a key once: memory never gives a version a node
+/// used for a local write (its reservation), and nodes never reuse one.
+pub fn versions_never_reused(memory: &SimMemory) -> Result<(), String> {
+    memory.reused.clone().map_or(Ok(()), Err)
+}
+
+/// (12) Write-back mode: when the directory gives up on a holder's exclusive line, that holder
+/// serves no version memory does not hold: its lease has run out, or it dropped the line when
+/// it handed the write over.
+pub fn given_up_holder_serves_nothing_newer(
+    key: &str,
+    node: NodeId,
+    line: Option<&Line>,
+    memory: &SimMemory,
+) -> Result<(), String> {
+    match line {
+        Some(l) if l.version > memory.version(key) => Err(format!(
+            "key {key}: the directory gave up on node {node}'s line, which still serves version \
+             {} while memory holds {}",
+            l.version,
+            memory.version(key)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// (13) Write-back mode: the writes of one node and key that memory does not hold yet (the
+/// ones it could lose), and the ones it lost, were all acknowledged within one flush interval
+/// (on the node's clock): a line dirty that long takes no more local writes.
+pub fn lost_writes_within_flush_interval(
+    key: &str,
+    node: NodeId,
+    acked_at: &[u64],
+    flush_ms: u64,
+) -> Result<(), String> {
+    let (Some(first), Some(last)) = (acked_at.iter().min(), acked_at.iter().max()) else {
+        return Ok(());
+    };
+    if last - first < flush_ms {
+        Ok(())
+    } else {
+        Err(format!(
+            "key {key}: node {node} has writes at risk or lost acknowledged from {first} ms to {last} ms, more \
+             than the flush interval ({flush_ms} ms)"
+        ))
+    }
 }

@@ -30,7 +30,7 @@ pub mod network;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use bytes::Bytes;
@@ -42,10 +42,14 @@ use memory::{MemoryFaults, SimMemory};
 use network::{Faults, Network, Packet};
 
 use super::directory::HomeEffect;
-use super::message::{Mutation, ToHome, Write, WriteResult};
+use super::message::{Mutation, ToHome, Write, WriteResult, WriteTag};
 use super::node::{Answer, Lookup, NodeEffect};
+use super::view::ReadView;
 use super::{CacheConfig, CacheError, CacheNode, Directory, Epoch, NodeId, OpId, Stored};
 use crate::raft::rng::SplitMix64;
+
+/// How many recent tagged writes clients may retry.
+const RECENT_WRITES: usize = 8;
 
 /// What a run does and how hostile its world is. Probabilities are per millisecond step.
 #[derive(Clone, Debug)]
@@ -88,8 +92,17 @@ pub struct SimConfig {
     pub pad_max: u64,
     /// A Set carries a TTL.
     pub ttl: f64,
+    /// A write is a client's retry of one of the last few tagged writes (same key, same
+    /// mutation, same tag), sent to any node: memory applies it at most once.
+    pub retry: f64,
     /// Check recovery after the faults.
     pub liveness: bool,
+    /// A new write carries a client tag (request header). Write-back mode serves only untagged
+    /// writes locally.
+    pub tag: f64,
+    /// An operation on key `k` is issued on node `k mod nodes + 1` (if up): a node that owns
+    /// its key keeps its exclusive line, so write-back mode writes locally.
+    pub affinity: f64,
 }
 
 impl SimConfig {
@@ -106,6 +119,7 @@ impl SimConfig {
                 op_timeout_ms: 300,
                 capacity_bytes: 400,
                 max_value_bytes: 64,
+                write_back: None,
             },
             capacities: vec![24, 48, 400],
             max_drift_ppm: 10_000,
@@ -130,8 +144,27 @@ impl SimConfig {
             memory_outage: 0.002,
             pad_max: 16,
             ttl: 0.2,
+            retry: 0.1,
             liveness: true,
+            tag: 1.0,
+            affinity: 0.0,
         }
+    }
+
+    /// A hostile run in write-back mode: a short flush interval and small reservation blocks
+    /// (so both run out), and mostly untagged writes without TTL (the ones served locally).
+    pub fn hostile_write_back(seed: u64) -> Self {
+        let mut cfg = SimConfig::hostile(seed);
+        cfg.cache.write_back = Some(crate::cache::WriteBackConfig {
+            flush_ms: 30,
+            block: 4,
+        });
+        cfg.tag = 0.3;
+        cfg.ttl = 0.05;
+        cfg.affinity = 0.8;
+        // Tight caches, so that dirty lines are chosen for eviction.
+        cfg.capacities = vec![28, 40, 400];
+        cfg
     }
 
     /// A perfect world for scripted scenarios: no faults, no drift, no random traffic, 1 ms
@@ -161,6 +194,7 @@ impl SimConfig {
             crash: 0.0,
             epoch_change: 0.0,
             memory_outage: 0.0,
+            retry: 0.0,
             liveness: false,
             ..SimConfig::hostile(0)
         }
@@ -210,6 +244,8 @@ pub struct Report {
     pub writes_unknown: u64,
     /// CompareAndSets that found another version.
     pub cas_mismatches: u64,
+    /// Retried writes that memory answered as duplicates.
+    pub duplicates: u64,
     /// Invalidations sent by directories.
     pub invalidations: u64,
     /// Recalls sent by directories.
@@ -230,6 +266,22 @@ pub struct Report {
     pub replies_not_cached: u64,
     /// Leases that ran out.
     pub lease_lapses: u64,
+    /// Write-back mode: writes served on a local line.
+    pub local_writes: u64,
+    /// Write-back mode: WriteBacks a node sent (flushes, evictions, waiting writes).
+    pub write_backs_sent: u64,
+    /// Write-back mode: WriteBacks a node sent for a dirty line chosen for eviction.
+    pub eviction_write_backs: u64,
+    /// Write-back mode: dirty writes handed over with a demand's acknowledgement.
+    pub dirty_handed_over: u64,
+    /// Write-back mode: handed-over writes the directory wrote back before a fill or write.
+    pub dirty_written_back: u64,
+    /// Write-back mode: holders' WriteBacks the directory wrote to memory.
+    pub write_backs: u64,
+    /// Write-back mode: times a directory gave up on an exclusive holder.
+    pub gave_up: u64,
+    /// Write-back mode: acknowledged local writes lost before they were written back.
+    pub lost_writes: u64,
 }
 
 impl Report {
@@ -242,6 +294,7 @@ impl Report {
         self.writes_failed += o.writes_failed;
         self.writes_unknown += o.writes_unknown;
         self.cas_mismatches += o.cas_mismatches;
+        self.duplicates += o.duplicates;
         self.invalidations += o.invalidations;
         self.recalls += o.recalls;
         self.lease_waits += o.lease_waits;
@@ -252,6 +305,14 @@ impl Report {
         self.expirations += o.expirations;
         self.replies_not_cached += o.replies_not_cached;
         self.lease_lapses += o.lease_lapses;
+        self.local_writes += o.local_writes;
+        self.write_backs_sent += o.write_backs_sent;
+        self.eviction_write_backs += o.eviction_write_backs;
+        self.dirty_handed_over += o.dirty_handed_over;
+        self.dirty_written_back += o.dirty_written_back;
+        self.write_backs += o.write_backs;
+        self.gave_up += o.gave_up;
+        self.lost_writes += o.lost_writes;
     }
 }
 
@@ -284,9 +345,13 @@ fn fail(property: &'static str) -> impl FnOnce(String) -> (&'static str, String)
     move |detail| (property, detail)
 }
 
-/// A node: its core (absent while crashed), its clock and its troubles.
+/// A node: its core (absent while crashed), its published read view, its clock and its
+/// troubles.
 struct SimNode {
     core: Option<CacheNode>,
+    /// What the shell publishes for hits: updated after every call into the core, before that
+    /// call's effects are carried out, as the shell does. Gets are served from it first.
+    view: ReadView,
     clock: Clock,
     /// This node's cache settings (capacities differ between nodes).
     cfg: CacheConfig,
@@ -343,8 +408,22 @@ pub struct World {
     /// Answers of finished operations, for scripts.
     answers: BTreeMap<OpId, Result<Answer, CacheError>>,
     last_op: OpId,
+    /// The last few tagged writes, which clients may retry.
+    recent_writes: Vec<(String, Write)>,
+    /// Values of retried Sets: a retry may apply a value whose first attempt failed (even one
+    /// still in flight), so "a failed write leaves no trace" cannot be checked for them.
+    retried: BTreeSet<Bytes>,
     report: Report,
     trace: bool,
+    /// Write-back mode: per node and key, the local writes not yet known to be in memory, with
+    /// the node's clock when each was acknowledged.
+    unflushed: BTreeMap<(NodeId, String), Vec<(u64, u64)>>,
+    /// Write-back mode: the epoch of each node's local writes in `unflushed` (a write made
+    /// under an epoch whose directory is gone is lost with it).
+    unflushed_epoch: BTreeMap<(NodeId, String), Epoch>,
+    /// The client operation being started, to tell a write answered in the same call (served
+    /// locally) from one answered later.
+    in_call: Option<OpId>,
 }
 
 impl World {
@@ -367,6 +446,7 @@ impl World {
                 id,
                 SimNode {
                     core: Some(CacheNode::new(id, node_cfg.clone(), 1)),
+                    view: ReadView::default(),
                     clock: Clock::random(&mut rng, cfg.max_drift_ppm),
                     cfg: node_cfg,
                     incarnation: 1,
@@ -399,8 +479,13 @@ impl World {
             ops: BTreeMap::new(),
             answers: BTreeMap::new(),
             last_op: 0,
+            recent_writes: Vec::new(),
+            retried: BTreeSet::new(),
             report: Report::default(),
             trace: std::env::var_os("SYNCD_CACHE_SIM_TRACE").is_some(),
+            unflushed: BTreeMap::new(),
+            unflushed_epoch: BTreeMap::new(),
+            in_call: None,
             cfg,
         }
     }
@@ -436,6 +521,7 @@ impl World {
             self.collect_node_stats(id);
         }
         self.collect_home_stats();
+        self.report.duplicates = self.memory.duplicates;
         self.report
     }
 
@@ -488,6 +574,17 @@ impl World {
     pub fn start_write(&mut self, node: NodeId, key: &str, w: Write) -> Result<OpId, Violation> {
         self.client_write(node, key, w)
             .map_err(|v| self.violation(v))
+    }
+
+    /// The answer of operation `op` if it has come (without advancing time): a write answered
+    /// in the call that started it was served locally.
+    pub fn answered(&mut self, op: OpId) -> Option<Result<Answer, CacheError>> {
+        self.answers.remove(&op)
+    }
+
+    /// Crashes node `id` now; it restarts `restart_in_ms` later.
+    pub fn crash_node(&mut self, id: NodeId, restart_in_ms: u64) {
+        self.crash(id, self.now + restart_in_ms);
     }
 
     /// Runs until operation `op` is answered or `max_ms` pass; returns its answer, if any.
@@ -548,6 +645,7 @@ impl World {
             self.chaos();
         }
         self.start_home()?;
+        self.lose_all(None)?;
         self.restart_nodes();
         self.memory.step(&mut self.rng, &self.mem_faults, self.now);
         if let Some(epoch) = self.home.as_ref().map(|h| h.dir.epoch()) {
@@ -556,6 +654,9 @@ impl World {
                     break;
                 };
                 let local = home.clock.local(self.now);
+                if self.trace {
+                    eprintln!("{} ms: memory answers {id}: {result:?}", self.now);
+                }
                 home.dir.on_memory(local, id, result);
                 self.after_home(true)?;
             }
@@ -627,6 +728,11 @@ impl World {
             return Ok(());
         };
         let renewals_off = self.now < n.renewals_off_until;
+        // Publish first: an acknowledgement among the effects must not leave before the view
+        // has dropped the line it acknowledges.
+        if let Some(c) = n.core.as_mut() {
+            n.view.apply(c.take_view_changes());
+        }
         let effects = n
             .core
             .as_mut()
@@ -668,34 +774,113 @@ impl World {
                     self.net.send(&mut self.rng, &self.faults, self.now, p);
                 }
                 HomeEffect::Memory(req) => {
+                    if self.trace {
+                        eprintln!("{} ms: memory request {req:?}", self.now);
+                    }
                     self.memory
                         .submit(&mut self.rng, &self.mem_faults, self.now, req);
+                }
+                HomeEffect::GaveUp { node, key } => {
+                    self.report.gave_up += 1;
+                    if let Some(n) = self.nodes.get(&node) {
+                        let line = n.view.servable(n.clock.local(self.now), &key);
+                        invariants::given_up_holder_serves_nothing_newer(
+                            &key,
+                            node,
+                            line,
+                            &self.memory,
+                        )
+                        .map_err(fail(
+                            "a holder given up on serves nothing newer than memory",
+                        ))?;
+                    }
+                    self.lose(node, &key)?;
                 }
             }
         }
         self.check()
     }
 
+    /// Node `node`'s local writes of `key` that memory does not hold are lost: they leave the
+    /// checks of guarantees 1 and 2, and must all lie within one flush interval.
+    fn lose(&mut self, node: NodeId, key: &str) -> Check {
+        self.unflushed_epoch.remove(&(node, key.to_string()));
+        let Some(entries) = self.unflushed.remove(&(node, key.to_string())) else {
+            return Ok(());
+        };
+        let lost: Vec<(u64, u64)> = entries
+            .into_iter()
+            .filter(|&(v, _)| !self.memory.written_back(key, v))
+            .collect();
+        if let Some(wb) = &self.cfg.cache.write_back {
+            let acked: Vec<u64> = lost.iter().map(|&(_, at)| at).collect();
+            invariants::lost_writes_within_flush_interval(key, node, &acked, wb.flush_ms)
+                .map_err(fail("lost writes lie within one flush interval"))?;
+        }
+        for (v, _) in lost {
+            if self.trace {
+                eprintln!(
+                    "{} ms: node {node}'s write of {key} version {v} is lost",
+                    self.now
+                );
+            }
+            self.report.lost_writes += 1;
+            self.history.lose(key, v);
+        }
+        Ok(())
+    }
+
+    /// Every local write of `node` not in memory is lost (it crashed); with `None`, every
+    /// local write made under an older epoch than the latest (its directory is gone).
+    fn lose_all(&mut self, node: Option<NodeId>) -> Check {
+        let latest = self.epoch;
+        let keys: Vec<(NodeId, String)> = self
+            .unflushed_epoch
+            .iter()
+            .filter(|&(&(n, _), &e)| node.map_or(e < latest, |id| id == n))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (n, key) in keys {
+            self.lose(n, &key)?;
+        }
+        Ok(())
+    }
+
     /// The properties that hold at every instant, for every key.
     fn check(&mut self) -> Check {
         self.instant += 1;
+        invariants::versions_never_reused(&self.memory)
+            .map_err(fail("versions are never reused"))?;
         let home = self
             .home
             .as_ref()
             .map(|h| (&h.dir, h.clock.local(self.now)));
         for key in &self.keys {
+            for (&node, n) in &self.nodes {
+                let now = n.clock.local(self.now);
+                let core = n.core.as_ref().and_then(|c| c.servable(now, key));
+                invariants::view_matches_core(key, node, core, n.view.servable(now, key))
+                    .map_err(fail("the read view serves what the core serves"))?;
+            }
+            // What readers are served: the published views.
             let lines: Vec<Servable> = self
                 .nodes
                 .iter()
                 .filter_map(|(&node, n)| {
-                    let line = n.core.as_ref()?.servable(n.clock.local(self.now), key)?;
+                    let line = n.view.servable(n.clock.local(self.now), key)?;
                     Some(Servable { node, line })
                 })
                 .collect();
             invariants::single_writer_multiple_readers(key, &lines)
                 .map_err(fail("single writer / multiple readers"))?;
-            invariants::servable_lines_match_memory(key, &lines, &self.memory)
-                .map_err(fail("servable lines match memory"))?;
+            invariants::servable_lines_match_memory(
+                key,
+                &lines,
+                &self.memory,
+                &self.history,
+                self.instant,
+            )
+            .map_err(fail("servable lines match memory"))?;
             if let Some((dir, dir_now)) = home {
                 invariants::directory_records_are_swmr(key, dir).map_err(fail(
                     "directory records are single writer / multiple readers",
@@ -727,9 +912,26 @@ impl World {
         let Some(key) = self.keys.get(pick).cloned() else {
             return Ok(());
         };
+        let owner = pick as u64 % self.nodes.len() as u64 + 1;
+        let node =
+            if self.cfg.affinity > 0.0 && up.contains(&owner) && self.rng.chance(self.cfg.affinity)
+            {
+                owner
+            } else {
+                node
+            };
         let roll = self.rng.below(100);
         if roll < 70 {
             self.client_get(node, &key)?;
+            return Ok(());
+        }
+        if !self.recent_writes.is_empty() && self.rng.chance(self.cfg.retry) {
+            let pick = self.rng.below(self.recent_writes.len() as u64) as usize;
+            let (key, write) = self.recent_writes[pick].clone();
+            if let Mutation::Set { value, .. } = &write.mutation {
+                self.retried.insert(value.clone());
+            }
+            self.client_op(node, &key, Some(write))?;
             return Ok(());
         }
         let mutation = if roll < 95 {
@@ -748,15 +950,25 @@ impl World {
             1 => self.memory.version(&key),
             _ => self.memory.version(&key).saturating_sub(1),
         });
-        self.client_write(
-            node,
-            &key,
-            Write {
-                mutation,
-                expect,
-                tag: None,
-            },
-        )?;
+        // (A write-through run draws nothing here: its seeds replay as before.)
+        let tagged = self.cfg.tag >= 1.0 || self.rng.chance(self.cfg.tag);
+        let tag = tagged.then_some(WriteTag {
+            client_id: node,
+            sequence: self.last_op + 1,
+            lowest_unacked: 0,
+        });
+        let write = Write {
+            mutation,
+            expect,
+            tag,
+        };
+        if tag.is_some() {
+            if self.recent_writes.len() == RECENT_WRITES {
+                self.recent_writes.remove(0);
+            }
+            self.recent_writes.push((key.clone(), write.clone()));
+        }
+        self.client_write(node, &key, write)?;
         Ok(())
     }
 
@@ -811,13 +1023,22 @@ impl World {
                 Mutation::Delete => None,
             }),
         };
-        // `Some(read)`: a hit, answered at once.
-        let outcome = match write {
-            None => core.get(local, op, key).map(|lookup| match lookup {
+        // `Some(read)`: a hit, answered at once: from the published view, as the shell serves
+        // it, with the use reported to the core's LRU order; the core's own hit path otherwise.
+        let viewed = match write {
+            None => n.view.hit(local, key).map(|(read, _)| read),
+            Some(_) => None,
+        };
+        let outcome = match (viewed, write) {
+            (Some(read), _) => {
+                core.touch(key);
+                Ok(Some(read))
+            }
+            (None, None) => core.get(local, op, key).map(|lookup| match lookup {
                 Lookup::Hit(read) => Some(read),
                 Lookup::Pending => None,
             }),
-            Some(w) => core.write(local, op, key, w).map(|()| None),
+            (None, Some(w)) => core.write(local, op, key, w).map(|()| None),
         };
         match outcome {
             Ok(Some(read)) => {
@@ -834,7 +1055,10 @@ impl World {
             }
             Err(e) => return Err(("requests are well-formed", format!("{key}: {e}"))),
         }
-        self.after_node(node, true)?;
+        self.in_call = Some(op);
+        let checked = self.after_node(node, true);
+        self.in_call = None;
+        checked?;
         Ok(op)
     }
 
@@ -859,7 +1083,41 @@ impl World {
                 self.check_read(key, c.started, &read.stored, false)?;
             }
             (None, Err(_)) => self.report.reads_failed += 1,
+            (Some(Some(value)), Ok(Answer::Write(WriteResult::Applied { version, .. })))
+                if self.in_call == Some(op) =>
+            {
+                // Served on the node's own line (write-back mode): memory has it later, if ever.
+                self.memory.record_local(key, *version, value.clone());
+                invariants::versions_never_reused(&self.memory)
+                    .map_err(fail("versions are never reused"))?;
+                let n = self.nodes.get(&c.node);
+                let at = n.map_or(0, |n| n.clock.local(self.now));
+                let epoch = n
+                    .and_then(|n| n.core.as_ref())
+                    .map_or(0, |c| c.stamp().epoch);
+                let k = (c.node, key.to_string());
+                if self.unflushed_epoch.get(&k).is_some_and(|&e| e != epoch) {
+                    // Writes of an older epoch are lost (caught on the epoch's change).
+                    self.lose(c.node, key)?;
+                }
+                self.unflushed_epoch.insert(k.clone(), epoch);
+                // The writes at risk (not in memory yet) always lie within one flush interval,
+                // whether or not they are lost later.
+                let memory = &self.memory;
+                let entries = self.unflushed.entry(k).or_default();
+                entries.retain(|&(v, _)| !memory.written_back(key, v));
+                entries.push((*version, at));
+                if let Some(wb) = &self.cfg.cache.write_back {
+                    let acked: Vec<u64> = entries.iter().map(|&(_, at)| at).collect();
+                    invariants::lost_writes_within_flush_interval(key, c.node, &acked, wb.flush_ms)
+                        .map_err(fail("writes at risk lie within one flush interval"))?;
+                }
+                self.history.write_completed(key, self.instant, *version);
+                self.report.writes_ok += 1;
+            }
             (Some(value), Ok(Answer::Write(WriteResult::Applied { version, .. }))) => {
+                invariants::versions_never_reused(&self.memory)
+                    .map_err(fail("versions are never reused"))?;
                 invariants::acknowledged_write_was_applied(
                     &self.memory,
                     key,
@@ -874,7 +1132,7 @@ impl World {
                 self.report.cas_mismatches += 1;
             }
             (Some(value), Err(CacheError::Unavailable(_))) => {
-                if let Some(v) = value {
+                if let Some(v) = value.as_ref().filter(|v| !self.retried.contains(*v)) {
                     invariants::failed_write_left_no_trace(&self.memory, key, v)
                         .map_err(fail("a failed write leaves no trace"))?;
                 }
@@ -968,10 +1226,14 @@ impl World {
         if n.core.take().is_none() {
             return;
         }
+        // The process is gone, and what it published with it.
+        n.view = ReadView::default();
         n.restart_at = restart_at;
         self.net.drop_to(id);
         self.ops.retain(|_, c| c.node != id);
         self.report.crashes += 1;
+        // A crash can only lose writes, never break a check: the result is known to be Ok.
+        let _ = self.lose_all(Some(id));
         if self.trace {
             eprintln!("{} ms: node {id} crashes", self.now);
         }
@@ -1113,6 +1375,10 @@ impl World {
         self.report.expirations += s.expirations;
         self.report.replies_not_cached += s.replies_not_cached;
         self.report.lease_lapses += s.lease_lapses;
+        self.report.local_writes += s.local_writes;
+        self.report.write_backs_sent += s.write_backs;
+        self.report.eviction_write_backs += s.eviction_write_backs;
+        self.report.dirty_handed_over += s.dirty_handed_over;
     }
 
     fn collect_home_stats(&mut self) {
@@ -1122,6 +1388,8 @@ impl World {
             self.report.recalls += s.recalls_sent;
             self.report.lease_waits += s.lease_waits;
             self.report.sessions_ended += s.sessions_ended;
+            self.report.dirty_written_back += s.dirty_written_back;
+            self.report.write_backs += s.write_backs;
         }
     }
 }

@@ -11,8 +11,12 @@
 //!   the node is not leader of that term any more (and never starts a second one for a term);
 //! - runs the directory's memory requests against its [`MemoryBackend`]: the replicated state
 //!   ([`raft_memory`]: a write is a Raft proposal, a read a linearizable (ReadIndex) read), or
-//!   Redis ([`redis_memory`]: one Lua script per request);
-//! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe.
+//!   Redis ([`redis_memory`]: one Lua script per request). Each request, like each leadership
+//!   check, is a future this task polls itself ([`Pending`]), not a task of its own;
+//! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe;
+//! - publishes the node's lines and lease in its read view ([`Hits`]) after every call into the
+//!   core and before carrying out that call's effects, so that a hit is served on the caller's
+//!   own task with no hop into this one (`cache::view` says why that is as safe as asking).
 //!
 //! ## The two runtime requirements of `docs/cache.md`
 //! **The old directory stops before the new one starts.** `docs/cache.md` asks for the
@@ -44,10 +48,14 @@ pub mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::cache::directory::{Holder, HomeEffect};
@@ -56,6 +64,7 @@ use crate::cache::message::{Envelope, ToHome, ToNode, Write, WriteResult};
 use crate::cache::node::{
     Answer, InvalidationEvent, LineView, Lookup, NodeEffect, NodeStats, Read,
 };
+use crate::cache::view::ReadView;
 use crate::cache::{CacheConfig, CacheError, CacheNode, Directory, Epoch, NodeId, OpId};
 use crate::metrics::record;
 use crate::node::NodeHandle;
@@ -117,10 +126,59 @@ impl MemoryBackend {
     }
 }
 
+/// The node's published read view, shared by the runtime (the only writer) and every caller
+/// of [`CacheHandle::hit`]: a hit takes a read lock and a lookup, on the caller's task.
+#[derive(Debug)]
+pub struct Hits {
+    /// The lines and lease, as of the runtime's last publication.
+    view: RwLock<ReadView>,
+    /// The origin of the core's clock: the view checks leases and TTLs on that same clock.
+    started: Instant,
+    /// Hits served from the view (the core counts only those it serves itself).
+    served: AtomicU64,
+    /// Keys of lines first used since the runtime last reported uses to the core's LRU order.
+    used: Mutex<Vec<String>>,
+}
+
+impl Hits {
+    fn new() -> Self {
+        Hits {
+            view: RwLock::new(ReadView::default()),
+            started: Instant::now(),
+            served: AtomicU64::new(0),
+            used: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The core's clock: milliseconds since the runtime started (monotonic).
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A hit for `key`, if this node may serve one now.
+    fn get(&self, key: &str) -> Option<Read> {
+        let (read, first) = self
+            .view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hit(self.now(), key)?;
+        self.served.fetch_add(1, Ordering::Relaxed);
+        if first {
+            self.used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(key.to_string());
+        }
+        Some(read)
+    }
+}
+
 /// What the API services hold to use the cache.
 #[derive(Clone)]
 pub struct CacheHandle {
     inputs: mpsc::UnboundedSender<Input>,
+    /// The read view, for hits without a hop into the runtime.
+    hits: Arc<Hits>,
     events: broadcast::Sender<InvalidationEvent>,
     /// The settings.
     pub cfg: CacheConfig,
@@ -133,8 +191,25 @@ fn stopped() -> CacheError {
 }
 
 impl CacheHandle {
-    /// Reads `key` through this node's cache.
+    /// A hit for `key` from the read view, served right here; `None`: ask
+    /// [`CacheHandle::through_runtime`] (a miss, or a key this node has no servable line for).
+    pub fn hit(&self, key: &str) -> Option<Read> {
+        self.hits.get(key)
+    }
+
+    /// Reads `key` through this node's cache: a hit from the read view, or else through the
+    /// runtime (a fill).
     pub async fn get(&self, key: String) -> Result<Read, CacheError> {
+        match self.hit(&key) {
+            Some(read) => Ok(read),
+            None => self.through_runtime(key).await,
+        }
+    }
+
+    /// Reads `key` through the runtime, without looking in the read view first: for a caller
+    /// that has just found no hit there. The core may still hit (a line installed since), or
+    /// fills the line.
+    pub async fn through_runtime(&self, key: String) -> Result<Read, CacheError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Get { key, reply })?;
         rx.await.map_err(|_| stopped())?
@@ -182,7 +257,8 @@ enum Reply {
     Write(oneshot::Sender<Result<WriteResult, CacheError>>),
 }
 
-/// What the runtime task reacts to (besides ticks and status changes).
+/// What the runtime task reacts to (besides ticks and status changes): a call from a client or
+/// from another node, or the end of a piece of the task's own work ([`Pending`]).
 enum Input {
     Get {
         key: String,
@@ -229,6 +305,7 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig, backend: MemoryBackend) -> Cach
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
     let status = node.watch_status();
+    let hits = Arc::new(Hits::new());
     let runtime = Runtime {
         me,
         cache: CacheNode::new(me, cfg.clone(), incarnation),
@@ -240,10 +317,10 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig, backend: MemoryBackend) -> Cach
         confirming: false,
         last_op: 0,
         ops: HashMap::new(),
-        peers: transport::Peers::new(me),
-        self_tx: inputs.clone(),
+        peers: transport::Peers::new(me, node.settings.tls.clone()),
+        pending: FuturesUnordered::new(),
         events: events.clone(),
-        started: Instant::now(),
+        hits: hits.clone(),
         current: status.borrow().clone(),
         past_invalidations_sent: 0,
         node,
@@ -253,11 +330,22 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig, backend: MemoryBackend) -> Cach
     tokio::spawn(runtime.run(rx, status));
     CacheHandle {
         inputs,
+        hits,
         events,
         cfg,
         backend,
     }
 }
+
+/// A memory request or leadership check under way, and the input it ends with.
+///
+/// These run inside the runtime task (polled in its loop) rather than as tasks of their own:
+/// a spawned task cost a spawn, a wake-up of that task when its answer came, and a channel
+/// hop back into this one, on the path of every write and every fill. Polled here, the answer
+/// wakes this task directly. The work itself is the same future, so the memory contract is
+/// unchanged: each request's future yields exactly one outcome (`None` when ambiguous), which
+/// becomes exactly one [`Input::Memory`].
+type Pending = Pin<Box<dyn Future<Output = Input> + Send>>;
 
 /// The task's state.
 struct Runtime {
@@ -287,12 +375,12 @@ struct Runtime {
     ops: HashMap<OpId, Reply>,
     /// Outgoing queues to other nodes.
     peers: transport::Peers,
-    /// For tasks that report back (memory, leadership checks).
-    self_tx: mpsc::UnboundedSender<Input>,
+    /// Memory requests and leadership checks under way, polled by this task itself.
+    pending: FuturesUnordered<Pending>,
     /// Invalidations for Subscribe.
     events: broadcast::Sender<InvalidationEvent>,
-    /// The origin of the core's clock (`now` in ms).
-    started: Instant,
+    /// The read view this task publishes (and the origin of the core's clock).
+    hits: Arc<Hits>,
     /// The node's latest status.
     current: NodeStatus,
     /// Invalidations sent by directories already dropped.
@@ -319,7 +407,9 @@ impl Runtime {
                     Some(input) => self.handle(input),
                     None => return,
                 },
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.handle(done),
                 _ = ticker.tick() => {
+                    self.report_uses();
                     let now = self.now();
                     self.cache.tick(now);
                     if let Some(d) = &mut self.dir {
@@ -340,7 +430,43 @@ impl Runtime {
 
     /// The core's clock: milliseconds since this runtime started (monotonic).
     fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.hits.now()
+    }
+
+    /// Publishes what the last calls into the core changed in its lines and lease. Called
+    /// before any effect of those calls is carried out (see `cache::view`).
+    fn publish(&mut self) {
+        let changes = self.cache.take_view_changes();
+        if !changes.is_empty() {
+            self.hits
+                .view
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .apply(changes);
+        }
+    }
+
+    /// Tells the core's LRU order which lines hits from the view used since the last report.
+    fn report_uses(&mut self) {
+        let used = std::mem::take(
+            &mut *self
+                .hits
+                .used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if used.is_empty() {
+            return;
+        }
+        let view = self
+            .hits
+            .view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for key in used {
+            view.clear_used(&key);
+            self.cache.touch(&key);
+        }
     }
 
     fn on_status(&mut self) {
@@ -376,6 +502,9 @@ impl Runtime {
     }
 
     fn handle(&mut self, input: Input) {
+        // Before anything that may store a line (and so evict one): the LRU order must know of
+        // the hits served from the view since the last report.
+        self.report_uses();
         let now = self.now();
         match input {
             Input::Get { key, reply } => {
@@ -416,6 +545,10 @@ impl Runtime {
                     .dir
                     .as_ref()
                     .map_or(0, |d| d.stats().invalidations_sent);
+                let node = NodeStats {
+                    hits: node.hits + self.hits.served.load(Ordering::Relaxed),
+                    ..node
+                };
                 let _ = reply.send(CacheStats {
                     node,
                     bytes,
@@ -467,6 +600,9 @@ impl Runtime {
     /// Carries out the core's effects until there are none left.
     fn pump(&mut self) {
         loop {
+            // Before the effects: an acknowledgement among them must not leave while the view
+            // still serves the line it gives up.
+            self.publish();
             let now = self.now();
             let node_effects = self.cache.take_effects();
             let dir_effects = self
@@ -496,6 +632,8 @@ impl Runtime {
                         }
                     }
                     HomeEffect::Memory(req) => self.run_memory(req),
+                    // Write-back mode only, which the runtime does not enable.
+                    HomeEffect::GaveUp { .. } => {}
                 }
             }
         }
@@ -573,26 +711,25 @@ impl Runtime {
         self.confirming = true;
         let grants = std::mem::take(&mut self.held_grants);
         let node = self.node.clone();
-        let tx = self.self_tx.clone();
-        tokio::spawn(async move {
+        self.pending.push(Box::pin(async move {
             let ok = node.read(true, |_| ()).await.is_ok();
-            let _ = tx.send(Input::Confirmed { epoch, grants, ok });
-        });
+            Input::Confirmed { epoch, grants, ok }
+        }));
     }
 
-    /// Runs a memory request against the backend in a task of its own and reports the
-    /// outcome to the runtime (which hands it to the directory of that epoch, if it still runs).
-    fn run_memory(&self, req: MemoryRequest) {
+    /// Runs a memory request against the backend (as a [`Pending`] of this task) and hands the
+    /// outcome to the directory of that epoch, if it still runs.
+    fn run_memory(&mut self, req: MemoryRequest) {
         let backend = self.backend.clone();
         let node = self.node.clone();
-        let tx = self.self_tx.clone();
         let live = self.live_epoch.clone();
-        tokio::spawn(async move {
+        self.pending.push(Box::pin(async move {
             let started = Instant::now();
             let (epoch, id) = (req.epoch, req.id);
             let op = match req.op {
-                MemoryOp::Read { .. } => "read",
-                MemoryOp::Write { .. } => "write",
+                MemoryOp::Read { .. } | MemoryOp::ReadReserve { .. } => "read",
+                MemoryOp::Write { .. } | MemoryOp::WriteReserve { .. } => "write",
+                MemoryOp::WriteBack { .. } => "write_back",
             };
             let outcome = match &backend {
                 MemoryBackend::Raft => raft_memory::run(&node, req).await,
@@ -608,7 +745,7 @@ impl Runtime {
                 None => "unknown",
             };
             record::cache_memory(backend.name(), op, label, started.elapsed());
-            let _ = tx.send(Input::Memory { epoch, id, outcome });
-        });
+            Input::Memory { epoch, id, outcome }
+        }));
     }
 }

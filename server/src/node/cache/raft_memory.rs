@@ -13,12 +13,21 @@ use crate::node::driver::now_unix_ms;
 use crate::node::{NodeError, NodeHandle};
 use crate::state::Applied;
 
+/// Write-back mode's memory requests are not supported by the shell's backends yet; the
+/// runtime never enables write-back, so the directory never makes them.
+pub const WRITE_BACK_UNSUPPORTED: &str = "write-back is not supported by this memory backend yet";
+
 /// Runs one request; `None` if a write may or may not take effect.
 pub async fn run(
     node: &NodeHandle,
     req: MemoryRequest,
 ) -> Option<Result<MemoryReply, MemoryError>> {
     match req.op {
+        MemoryOp::ReadReserve { .. }
+        | MemoryOp::WriteReserve { .. }
+        | MemoryOp::WriteBack { .. } => {
+            Some(Err(MemoryError::Unavailable(WRITE_BACK_UNSUPPORTED.into())))
+        }
         MemoryOp::Read { key } => Some(
             node.read(true, move |s| s.cache_memory().read(&key, now_unix_ms()))
                 .await

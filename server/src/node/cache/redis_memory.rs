@@ -453,6 +453,11 @@ impl RedisMemory {
     ) -> Option<Result<MemoryReply, MemoryError>> {
         let unavailable = |why: String| Some(Err(MemoryError::Unavailable(why)));
         match &req.op {
+            MemoryOp::ReadReserve { .. }
+            | MemoryOp::WriteReserve { .. }
+            | MemoryOp::WriteBack { .. } => {
+                unavailable(super::raft_memory::WRITE_BACK_UNSUPPORTED.into())
+            }
             MemoryOp::Read { key } => match self.read_key(req.epoch, key).await {
                 // A read changes nothing but the fence, so any failure is a plain refusal.
                 Err(CallError::NotSent(why) | CallError::Unknown(why)) => unavailable(why),

@@ -9,11 +9,11 @@ use sync_proto::internal::v1 as ipb;
 use sync_proto::internal::v1::cache_protocol_client::CacheProtocolClient;
 use sync_proto::internal::v1::cache_protocol_server::CacheProtocol;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use super::{CacheHandle, wire};
 use crate::cache::NodeId;
+use crate::node::tls::{NodeTls, peer_endpoint};
 
 /// Messages queued for one peer beyond which new ones are dropped (lost, as the protocol
 /// allows): a peer that cannot keep up must not make this node's memory grow without bound.
@@ -62,23 +62,27 @@ pub struct Peers {
     me: NodeId,
     /// Queues by address.
     queues: HashMap<String, mpsc::Sender<ipb::CacheEnvelope>>,
+    /// TLS towards peers, when the node's port speaks TLS.
+    tls: Option<NodeTls>,
 }
 
 impl Peers {
     /// No peers yet; a queue is made on first use of an address.
-    pub fn new(me: NodeId) -> Self {
+    pub fn new(me: NodeId, tls: Option<NodeTls>) -> Self {
         Peers {
             me,
             queues: HashMap::new(),
+            tls,
         }
     }
 
     /// Queues `env` for the node at `addr`; drops it if that queue is full.
     pub fn send(&mut self, addr: &str, env: ipb::CacheEnvelope) {
         let me = self.me;
+        let tls = &self.tls;
         let queue = self.queues.entry(addr.to_string()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(sender(me, addr.to_string(), rx));
+            tokio::spawn(sender(me, addr.to_string(), tls.clone(), rx));
             tx
         });
         if queue.try_send(env).is_err() {
@@ -88,8 +92,13 @@ impl Peers {
 }
 
 /// Sends the queue for `addr` in batches, one call at a time, until the queue is dropped.
-async fn sender(me: NodeId, addr: String, mut rx: mpsc::Receiver<ipb::CacheEnvelope>) {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+async fn sender(
+    me: NodeId,
+    addr: String,
+    tls: Option<NodeTls>,
+    mut rx: mpsc::Receiver<ipb::CacheEnvelope>,
+) {
+    let endpoint = match peer_endpoint(&addr, tls.as_ref()) {
         Ok(e) => e,
         Err(e) => {
             tracing::warn!(addr, error = %e, "bad peer address; cache messages to it are dropped");

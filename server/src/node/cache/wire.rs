@@ -73,6 +73,12 @@ pub fn write_from_pb(w: ipb::CacheWrite) -> Result<(String, Write), WireError> {
     ))
 }
 
+/// Write-back mode's messages (and a grant's reservation) have no encoding yet: the runtime
+/// never enables write-back (`CacheConfig::write_back` is `None` for every node it starts), so
+/// the core never emits them.
+const WRITE_BACK_OFF: &str =
+    "write-back messages are not carried: the runtime never enables write-back";
+
 /// A node's message for the directory, encoded.
 pub fn encode_to_home(env: Envelope<ToHome>) -> ipb::CacheEnvelope {
     let msg = match env.msg {
@@ -98,6 +104,7 @@ pub fn encode_to_home(env: Envelope<ToHome>) -> ipb::CacheEnvelope {
         }),
         ToHome::RecallAck { key, op, kept } => Msg::RecallAck(ipb::DemandAck { key, op, kept }),
         ToHome::Evicted { key, grant } => Msg::Evicted(ipb::Evicted { key, grant }),
+        ToHome::DirtyAck { .. } | ToHome::WriteBack { .. } => unreachable!("{WRITE_BACK_OFF}"),
     };
     envelope(env.stamp, msg)
 }
@@ -135,6 +142,7 @@ pub fn encode_to_node(env: Envelope<ToNode>) -> ipb::CacheEnvelope {
             line: line.map(grant_to_pb),
         }),
         ToNode::Demand(d) => Msg::Demand(demand_to_pb(d)),
+        ToNode::WriteBackDone { .. } => unreachable!("{WRITE_BACK_OFF}"),
     };
     envelope(env.stamp, msg)
 }
@@ -261,6 +269,8 @@ fn grant_from_pb(g: ipb::LineGrant) -> Result<LineGrant, WireError> {
     Ok(LineGrant {
         grant: g.grant,
         state,
+        // Write-back mode is not carried yet (see WRITE_BACK_OFF).
+        reserved: None,
     })
 }
 
@@ -433,6 +443,7 @@ mod tests {
         let line = Some(LineGrant {
             grant: 4,
             state: LineState::Exclusive,
+            reserved: None,
         });
         let msgs = vec![
             ToNode::LeaseGrant {
@@ -472,6 +483,7 @@ mod tests {
                 line: Some(LineGrant {
                     grant: 5,
                     state: LineState::Modified,
+                    reserved: None,
                 }),
             },
             ToNode::WriteDone {

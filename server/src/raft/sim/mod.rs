@@ -31,7 +31,8 @@ use state_machine::{Applied, Durable, Snapshot, StateMachine, encode_command};
 
 use super::rng::SplitMix64;
 use super::{
-    ClusterConfigExt, Config, ConfigChange, Message, NodeId, RaftNode, ReadOnlyOption, Role,
+    ClusterConfigExt, Config, ConfigChange, Message, NodeId, ProgressState, RaftNode,
+    ReadOnlyOption, Role,
 };
 
 /// What a simulation run does and how hostile its world is.
@@ -161,6 +162,15 @@ pub struct Report {
     pub rounds_to_commit_after_heal: u64,
     /// Highest term reached.
     pub max_term: u64,
+    /// Readies after which a leader had two or more AppendEntries unacknowledged to one
+    /// follower: the pipeline was in use.
+    pub pipelined: u64,
+    /// AppendEntries with entries that the network lost.
+    pub appends_lost: u64,
+    /// AppendEntries delivered after a later one of the same leader on the same link.
+    pub appends_reordered: u64,
+    /// Rejections that moved a follower from Replicate back to Probe.
+    pub probe_fallbacks: u64,
 }
 
 /// Runs one simulation.
@@ -234,6 +244,9 @@ struct Sim<'a> {
     calm: bool,
     /// Print every delivery and Ready (`SYNCD_SIM_TRACE=1`), to debug a replayed seed.
     trace: bool,
+    /// Per link (from, to): term and prev_log_index of the last AppendEntries delivered, to
+    /// count reorderings.
+    last_append: HashMap<(NodeId, NodeId), (u64, u64)>,
     report: Report,
 }
 
@@ -275,6 +288,7 @@ impl<'a> Sim<'a> {
             marker_applied: None,
             calm: false,
             trace: std::env::var_os("SYNCD_SIM_TRACE").is_some(),
+            last_append: HashMap::new(),
             report: Report::default(),
         };
         for id in 1..=cfg.voters as u64 {
@@ -573,12 +587,41 @@ impl<'a> Sim<'a> {
         if self.trace {
             eprintln!("r{} deliver {}", self.round, describe(&p.msg));
         }
+        // Coverage of the replication pipeline (see `Report`).
+        let mut rejected_while_replicating = None;
+        match &p.msg {
+            Message::AppendEntries(r) if !r.heartbeat => {
+                let at = (r.term, r.prev_log_index);
+                if let Some(last) = self.last_append.insert((r.from, to), at)
+                    && last.0 == at.0
+                    && last.1 > at.1
+                {
+                    self.report.appends_reordered += 1;
+                }
+            }
+            Message::AppendEntriesResponse(r) if r.rejected && engine.role() == Role::Leader => {
+                rejected_while_replicating = engine
+                    .peers()
+                    .iter()
+                    .any(|s| s.id == r.from && s.state == ProgressState::Replicate)
+                    .then_some(r.from);
+            }
+            _ => {}
+        }
         engine.step(p.msg).map_err(|e| {
             (
                 "messages are well-formed",
                 format!("{kind} to {to} refused: {e}"),
             )
         })?;
+        if let Some(follower) = rejected_while_replicating
+            && engine
+                .peers()
+                .iter()
+                .any(|s| s.id == follower && s.state == ProgressState::Probe)
+        {
+            self.report.probe_fallbacks += 1;
+        }
         self.process_ready(to)
     }
 
@@ -643,6 +686,9 @@ impl<'a> Sim<'a> {
             invariants::election_safety(&mut self.history, engine)
                 .map_err(fail("election safety"))?;
             let is_leader = engine.role() == Role::Leader;
+            if is_leader && engine.peers().iter().any(|p| p.inflight >= 2) {
+                self.report.pipelined += 1;
+            }
             if is_leader && !node.was_leader {
                 invariants::leader_completeness(&self.history, engine)
                     .map_err(fail("leader completeness"))?;
@@ -748,6 +794,9 @@ impl<'a> Sim<'a> {
             self.net
                 .send(&mut self.rng, &self.faults, self.round, m.clone(), snapshot)
         {
+            if matches!(&m, Message::AppendEntries(r) if !r.entries.is_empty()) {
+                self.report.appends_lost += 1;
+            }
             lost.push(m);
         }
     }

@@ -195,13 +195,17 @@ pub(crate) struct Recovery {
     pub(crate) replayed: Replayed,
     /// The segments left, oldest first; the last one is where appends go.
     pub(crate) segments: Vec<SegmentFile>,
-    /// The length of the last segment (after cutting a torn tail).
+    /// The logical length of the last segment (where its frames end, after cutting a torn
+    /// tail): where the next frame goes.
     pub(crate) last_len: u64,
+    /// The last segment's file size: `last_len` plus the zeros preallocated after it.
+    pub(crate) last_allocated: u64,
 }
 
 /// Replays every segment of `wal_dir` on top of `snapshot`, then repairs a torn tail: the last
-/// segment is cut back to its last valid frame, or removed if no frame of it survived. The disk is
-/// changed only after every check has passed.
+/// segment is cut back to its last valid frame, or removed if no frame of it survived. Zeros after
+/// a segment's last frame are preallocated space, not a tail to repair (see `segment.rs`). The
+/// disk is changed only after every check has passed.
 pub(crate) fn recover(
     wal_dir: &std::path::Path,
     snapshot: Option<&SnapshotMetadata>,
@@ -209,7 +213,8 @@ pub(crate) fn recover(
     let mut segments = segment::list(wal_dir)?;
     let mut replay = Replay::new(snapshot);
     let mut prev_len: Option<u64> = None;
-    let mut last_len = 0u64;
+    // (logical length, file size) of each segment, for the last one and the one before it.
+    let mut lens: Vec<(u64, u64)> = Vec::with_capacity(segments.len());
     let mut torn = None;
     let count = segments.len();
     for (i, seg) in segments.iter().enumerate() {
@@ -249,8 +254,8 @@ pub(crate) fn recover(
                     })?;
             }
         }
-        prev_len = Some(bytes.len() as u64);
-        last_len = bytes.len() as u64;
+        prev_len = Some(scanned.len);
+        lens.push((scanned.len, bytes.len() as u64));
         if let Tail::Torn { offset, .. } = scanned.tail {
             torn = Some((offset, scanned.frames.is_empty()));
         } else if is_last && scanned.frames.is_empty() {
@@ -266,12 +271,7 @@ pub(crate) fn recover(
             fs::remove_file(&last.path).map_err(io_err("remove torn segment", &last.path))?;
             crate::storage::fsutil::fsync_dir(wal_dir)?;
             segments.pop();
-            last_len = match segments.last() {
-                Some(prev) => fs::metadata(&prev.path)
-                    .map_err(io_err("stat", &prev.path))?
-                    .len(),
-                None => 0,
-            };
+            lens.pop();
         } else {
             let file = fs::OpenOptions::new()
                 .write(true)
@@ -281,14 +281,18 @@ pub(crate) fn recover(
                 .map_err(io_err("truncate torn tail of", &last.path))?;
             file.sync_all()
                 .map_err(io_err("fsync truncated", &last.path))?;
-            last_len = offset;
+            if let Some(last) = lens.last_mut() {
+                *last = (offset, offset);
+            }
         }
     }
 
+    let (last_len, last_allocated) = lens.last().copied().unwrap_or((0, 0));
     Ok(Recovery {
         replayed: replay.finish(snapshot),
         segments,
         last_len,
+        last_allocated,
     })
 }
 

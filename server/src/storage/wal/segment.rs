@@ -29,6 +29,17 @@
 //! away. A bad frame anywhere else, or one followed by a valid frame, is [`StorageError::Corrupt`],
 //! naming the file and the byte offset: recovery never skips data.
 //!
+//! # Preallocated space
+//!
+//! A segment file may be longer than its frames: the writer fills the space ahead of the next
+//! frame with zeros (see "Preallocation" in the module doc of `wal`), so that an append overwrites
+//! allocated, already written blocks and its `fdatasync` has no file size to commit. A frame never
+//! starts with a zero byte (its magic does not), so where a frame should start, zeros up to the
+//! end of the file are the end of the segment: [`Scanned::len`], the segment's logical length.
+//! Anything else there that is not a valid frame (zeros followed by anything not zero included)
+//! goes through the torn-tail rule above, so a frame torn inside preallocated space (its blocks
+//! partly still zeros) is a torn tail, and a valid frame after a zeroed one is corruption.
+//!
 //! Two limits, both inherent to a log without a separate commit marker: damage to the final frame
 //! itself (say a flipped bit after it was synced) looks exactly like a torn write, so that one
 //! batch is dropped as if its sync never finished; and if user data inside a torn frame happens to
@@ -199,6 +210,14 @@ pub(crate) struct Scanned<'a> {
     pub(crate) frames: Vec<Frame<'a>>,
     /// How the file ends.
     pub(crate) tail: Tail,
+    /// The logical length: where the valid frames end (the torn tail's offset, if torn). Only
+    /// zeros (preallocated space), or the torn tail, follow it.
+    pub(crate) len: u64,
+}
+
+/// Whether `bytes` holds nothing but zeros: preallocated space no frame was written into.
+pub(crate) fn all_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 /// Splits the bytes of `segment` into frames, applying the torn-tail rule (see the module doc).
@@ -240,6 +259,7 @@ pub(crate) fn scan<'a>(
                 header: None,
                 frames: Vec::new(),
                 tail: bad_spot(0, reason)?,
+                len: 0,
             });
         }
     };
@@ -256,7 +276,9 @@ pub(crate) fn scan<'a>(
     let mut frames = Vec::new();
     let mut at = HEADER_LEN;
     let tail = loop {
-        if at == bytes.len() {
+        // The end of the file, or the start of the zeros ahead of the next frame. (`all_zero`
+        // stops at the first byte that is not zero: a frame's magic, right where it starts.)
+        if all_zero(&bytes[at..]) {
             break Tail::Clean;
         }
         match read_frame(bytes, at) {
@@ -271,9 +293,14 @@ pub(crate) fn scan<'a>(
             FrameRead::Invalid(reason) => break bad_spot(at, reason)?,
         }
     };
+    let len = match &tail {
+        Tail::Clean => at as u64,
+        Tail::Torn { offset, .. } => *offset,
+    };
     Ok(Scanned {
         header: Some(header),
         frames,
         tail,
+        len,
     })
 }

@@ -64,12 +64,28 @@ fn meta(index: u64, term: u64) -> SnapshotMetadata {
 }
 
 fn small_segments() -> WalOptions {
-    WalOptions { segment_size: 300 }
+    WalOptions {
+        segment_size: 300,
+        preallocate: 100,
+    }
 }
 
 /// For [`history`]: three segments quickly, then room for a handful of frames in the last one.
+/// No preallocation: each segment file ends exactly where its frames do.
 fn history_segments() -> WalOptions {
-    WalOptions { segment_size: 600 }
+    WalOptions {
+        segment_size: 600,
+        preallocate: 0,
+    }
+}
+
+/// Like [`history_segments`], with zeros written ahead of the frames (up to the segment size),
+/// so that the last segment ends in preallocated space.
+fn preallocated_history_segments() -> WalOptions {
+    WalOptions {
+        segment_size: 600,
+        preallocate: 1024,
+    }
 }
 
 fn reopen(dir: &Path, options: WalOptions) -> Result<(Wal, RecoveredState), StorageError> {
@@ -131,12 +147,13 @@ fn copy_group(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Byte ranges `[start, end)` of the valid frames of a segment file.
+/// Byte ranges `[start, end)` of the valid frames of a segment file (up to its preallocated
+/// zeros, if any).
 fn frame_ranges(path: &Path) -> Result<Vec<(usize, usize)>, Box<dyn Error>> {
     let bytes = fs::read(path)?;
     let mut ranges = Vec::new();
     let mut at = HEADER_LEN;
-    while at < bytes.len() {
+    while !segment::all_zero(&bytes[at..]) {
         match read_frame(&bytes, at) {
             FrameRead::Valid { next, .. } => {
                 ranges.push((at, next));
@@ -496,8 +513,15 @@ struct History {
 }
 
 fn history(syncs_in_last_segment: usize) -> Result<History, Box<dyn Error>> {
+    history_with(syncs_in_last_segment, history_segments())
+}
+
+fn history_with(
+    syncs_in_last_segment: usize,
+    options: WalOptions,
+) -> Result<History, Box<dyn Error>> {
     let dir = scratch()?;
-    let mut twin = Twin::open(dir.path(), history_segments())?;
+    let mut twin = Twin::open(dir.path(), options)?;
     twin.set_hard_state(&hs(1, 1, 0))?;
     let mut index = 0;
     let mut term = 1;
@@ -514,7 +538,7 @@ fn history(syncs_in_last_segment: usize) -> Result<History, Box<dyn Error>> {
         }
     };
     let last = twin.wal.segment_files().last().ok_or("no segment")?.clone();
-    let mut boundaries = vec![(fs::metadata(&last.path)?.len(), twin.model.durable_state())];
+    let mut boundaries = vec![(twin.wal.active_len(), twin.model.durable_state())];
     for k in 1..syncs_in_last_segment {
         match k % 3 {
             0 => {
@@ -533,7 +557,7 @@ fn history(syncs_in_last_segment: usize) -> Result<History, Box<dyn Error>> {
             }
         }
         twin.sync()?;
-        boundaries.push((fs::metadata(&last.path)?.len(), twin.model.durable_state()));
+        boundaries.push((twin.wal.active_len(), twin.model.durable_state()));
     }
     assert_eq!(
         twin.wal.segment_files().last(),
@@ -555,46 +579,193 @@ fn history(syncs_in_last_segment: usize) -> Result<History, Box<dyn Error>> {
     })
 }
 
+/// How a crash can leave the last segment's bytes from some offset on.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// The file ends there (a write that never extended the file, or its size lost).
+    Truncated,
+    /// Zeros from there to the end of the file: a write into preallocated space that did not
+    /// land, or a preallocation whose zeros did land while the frame before them did not.
+    Zeroed,
+}
+
 #[test]
 fn every_truncation_of_the_last_segment_recovers_the_durable_prefix() -> TestResult {
-    let history = history(6)?;
-    let full = history.boundaries.last().map_or(0, |b| b.0);
-    for cut in 0..full {
+    for options in [history_segments(), preallocated_history_segments()] {
+        let history = history_with(6, options.clone())?;
+        let full = history.boundaries.last().map_or(0, |b| b.0);
+        for cut in 0..full {
+            for how in [Cut::Truncated, Cut::Zeroed] {
+                let what = format!("{how:?} at byte {cut}, {options:?}");
+                check_cut(&history, &options, cut, how).map_err(|e| format!("{what}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Damages a copy of `history` at `cut` as `how` says, and checks that it recovers the durable
+/// prefix, and that a new write then lands after it and is recovered too.
+fn check_cut(history: &History, options: &WalOptions, cut: u64, how: Cut) -> TestResult {
+    let copy = scratch()?;
+    copy_group(history.dir.path(), copy.path())?;
+    let path = copy.path().join("wal").join(&history.last_segment);
+    match how {
+        Cut::Truncated => fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(cut)?,
+        Cut::Zeroed => {
+            let mut bytes = fs::read(&path)?;
+            bytes[cut as usize..].iter_mut().for_each(|b| *b = 0);
+            fs::write(&path, &bytes)?;
+        }
+    }
+
+    // The durable prefix: everything up to the last frame wholly before the cut.
+    let expected = history
+        .boundaries
+        .iter()
+        .rev()
+        .find(|(end, _)| *end <= cut)
+        .map_or(&history.before_last_segment, |(_, state)| state);
+    let (mut wal, state) = Wal::open(copy.path(), options.clone())?;
+    assert_eq!(&state, expected);
+
+    // The tail was cut away on disk: a new write lands after valid data and is recovered.
+    let next = wal.last_index() + 1;
+    wal.append(&[entry(next, 99)])?;
+    wal.sync()?;
+    drop(wal);
+    let (_, again) = Wal::open(copy.path(), options.clone())?;
+    assert_eq!(again.entries.last(), Some(&entry(next, 99)));
+    assert_eq!(again.entries.len(), expected.entries.len() + 1);
+    Ok(())
+}
+
+#[test]
+fn zeros_after_the_last_frame_are_preallocated_space_not_a_tail() -> TestResult {
+    let options = preallocated_history_segments();
+    let history = history_with(4, options.clone())?;
+    let (last_end, last_state) = history.boundaries.last().ok_or("no boundary")?.clone();
+    let path = history.dir.path().join("wal").join(&history.last_segment);
+    let allocated = fs::metadata(&path)?.len();
+    assert!(
+        allocated > last_end,
+        "no zeros after the last frame ({allocated} bytes, frames end at {last_end})"
+    );
+    assert!(segment::all_zero(&fs::read(&path)?[last_end as usize..]));
+
+    // A crash while preallocating leaves any length of zeros after the last frame, or a hole
+    // (which reads as zeros) if the size landed before the data.
+    let hole = allocated + 4096;
+    let lengths = (last_end..=allocated).step_by(7).chain([allocated, hole]);
+    for len in lengths {
         let copy = scratch()?;
         copy_group(history.dir.path(), copy.path())?;
         let path = copy.path().join("wal").join(&history.last_segment);
-        let file = fs::OpenOptions::new().write(true).open(&path)?;
-        file.set_len(cut)?;
-        drop(file);
-
-        // The durable prefix: everything up to the last frame wholly before the cut.
-        let expected = history
-            .boundaries
-            .iter()
-            .rev()
-            .find(|(end, _)| *end <= cut)
-            .map_or(&history.before_last_segment, |(_, state)| state);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)?
+            .set_len(len)?;
         let (mut wal, state) =
-            Wal::open(copy.path(), history_segments()).map_err(|e| format!("cut at {cut}: {e}"))?;
-        assert_eq!(&state, expected, "cut at byte {cut}");
-
-        // The tail was cut away on disk: a new write lands after valid data and is recovered.
+            Wal::open(copy.path(), options.clone()).map_err(|e| format!("length {len}: {e}"))?;
+        assert_eq!(state, last_state, "length {len}");
+        // Nothing was cut: the zeros stay, and the next frame goes into them.
+        assert_eq!(fs::metadata(&path)?.len(), len, "length {len}");
         let next = wal.last_index() + 1;
         wal.append(&[entry(next, 99)])?;
         wal.sync()?;
+        let new_frame = frame_ranges(&path)?.last().map(|r| r.0 as u64);
+        assert_eq!(new_frame, Some(last_end), "length {len}");
         drop(wal);
-        let (_, again) = Wal::open(copy.path(), history_segments())
-            .map_err(|e| format!("reopen after cut at {cut}: {e}"))?;
-        assert_eq!(
-            again.entries.last(),
-            Some(&entry(next, 99)),
-            "cut at byte {cut}"
-        );
-        assert_eq!(
-            again.entries.len(),
-            expected.entries.len() + 1,
-            "cut at byte {cut}"
-        );
+        let (_, again) = Wal::open(copy.path(), options.clone())?;
+        assert_eq!(again.entries.last(), Some(&entry(next, 99)), "length {len}");
+        assert_eq!(again.entries.len(), last_state.entries.len() + 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn preallocated_space_does_not_hide_damage() -> TestResult {
+    let options = preallocated_history_segments();
+    let history = history_with(4, options.clone())?;
+    let (last_end, last_state) = history.boundaries.last().ok_or("no boundary")?.clone();
+    let (prev_end, prev_state) = history.boundaries[history.boundaries.len() - 2].clone();
+    let damaged = |damage: &dyn Fn(&mut Vec<u8>)| -> Result<_, Box<dyn Error>> {
+        let copy = scratch()?;
+        copy_group(history.dir.path(), copy.path())?;
+        let path = copy.path().join("wal").join(&history.last_segment);
+        let mut bytes = fs::read(&path)?;
+        damage(&mut bytes);
+        fs::write(&path, &bytes)?;
+        let opened = Wal::open(copy.path(), options.clone()).map(|(_, state)| state);
+        Ok((copy, path, opened))
+    };
+    let last = last_end as usize;
+
+    // Garbage in the zeros after the final frame: the remains of a torn write, cut away.
+    let (_copy, path, opened) = damaged(&|b| b[last + 5..last + 30].fill(0xab))?;
+    assert_eq!(opened?, last_state);
+    assert_eq!(fs::metadata(&path)?.len(), last_end);
+
+    // The final frame zeroed (its write never landed), with the zeros after it.
+    let (_copy, _, opened) = damaged(&|b| b[prev_end as usize..last].fill(0))?;
+    assert_eq!(opened?, prev_state);
+
+    // A frame zeroed, yet a valid frame after it: not a torn tail but lost data.
+    let (_copy, _, opened) = damaged(&|b| {
+        let final_frame = b[prev_end as usize..last].to_vec();
+        b[prev_end as usize..last].fill(0);
+        b[last + 64..last + 64 + final_frame.len()].copy_from_slice(&final_frame);
+    })?;
+    match opened {
+        Err(StorageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("valid frame follows"), "{reason}")
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn closed_segments_keep_their_zeros_and_their_recorded_length() -> TestResult {
+    let tmp = scratch()?;
+    let options = WalOptions {
+        segment_size: 300,
+        preallocate: 1000,
+    };
+    let mut twin = Twin::open(tmp.path(), options.clone())?;
+    for i in 1..=40 {
+        twin.append(&[entry(i, 1)])?;
+        twin.sync()?;
+    }
+    let segments = twin.wal.segment_files().to_vec();
+    assert!(segments.len() > 2);
+    for seg in &segments[..segments.len() - 1] {
+        // Zeros up to the segment size after frames that end before it.
+        let ranges = frame_ranges(&seg.path)?;
+        let end = ranges.last().map_or(0, |r| r.1) as u64;
+        let len = fs::metadata(&seg.path)?.len();
+        assert_eq!(len, end.max(300), "{}", seg.path.display());
+    }
+    let expected = twin.model.durable_state();
+    drop(twin);
+    let (_, state) = reopen(tmp.path(), options.clone())?;
+    assert_eq!(state, expected);
+
+    // A closed segment that lost its last frame to zeros is caught by the next one's header.
+    let ranges = frame_ranges(&segments[0].path)?;
+    let mut bytes = fs::read(&segments[0].path)?;
+    let (start, _) = ranges[ranges.len() - 1];
+    bytes[start..].fill(0);
+    fs::write(&segments[0].path, &bytes)?;
+    match reopen(tmp.path(), options) {
+        Err(StorageError::Corrupt { path, reason, .. }) => {
+            assert_eq!(path, segments[0].path);
+            assert!(reason.contains("records"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
     }
     Ok(())
 }
@@ -608,13 +779,15 @@ fn damage_confined_to_the_final_frame_is_a_torn_tail() -> TestResult {
     let (last_end, last_state) = history.boundaries.last().ok_or("no boundary")?.clone();
     let (prev_end, prev_state) = history.boundaries[history.boundaries.len() - 2].clone();
     let final_frame = prev_end as usize;
-    // (what, the damage, whether the final frame survives it)
-    let cases: Vec<(&str, Damage, bool)> = vec![
-        // The size was extended but the data never written: zeros.
+    // (what, the damage, whether the final frame survives it, the file's length after recovery)
+    let cases: Vec<(&str, Damage, bool, u64)> = vec![
+        // The size was extended but the data never written: zeros, which are then preallocated
+        // space like any other and stay.
         (
             "final frame zeroed",
             Box::new(move |b| b[final_frame..].iter_mut().for_each(|x| *x = 0)),
             false,
+            last_end,
         ),
         (
             "second half of final frame zeroed",
@@ -623,19 +796,22 @@ fn damage_confined_to_the_final_frame_is_a_torn_tail() -> TestResult {
                 b[mid..].iter_mut().for_each(|x| *x = 0)
             }),
             false,
+            prev_end,
         ),
         (
             "one flipped byte in final frame",
             Box::new(move |b| b[final_frame + 13] ^= 0x10),
             false,
+            prev_end,
         ),
         (
             "garbage after the final frame",
             Box::new(|b| b.extend((0..100u8).map(|i| i.wrapping_mul(37)))),
             true,
+            last_end,
         ),
     ];
-    for (name, damage, final_survives) in cases {
+    for (name, damage, final_survives, len_after) in cases {
         let copy = scratch()?;
         copy_group(history.dir.path(), copy.path())?;
         let path = copy.path().join("wal").join(&history.last_segment);
@@ -651,17 +827,22 @@ fn damage_confined_to_the_final_frame_is_a_torn_tail() -> TestResult {
             &prev_state
         };
         assert_eq!(&state, expected, "{name}");
-        assert_eq!(
-            fs::metadata(&path)?.len(),
-            if final_survives { last_end } else { prev_end }
-        );
+        assert_eq!(fs::metadata(&path)?.len(), len_after, "{name}");
     }
     Ok(())
 }
 
 #[test]
 fn flipped_byte_in_any_non_final_frame_is_refused_naming_the_file() -> TestResult {
-    let history = history(4)?;
+    // With preallocation, closed segments end in zeros: a flipped byte there is refused too.
+    for options in [history_segments(), preallocated_history_segments()] {
+        flipped_bytes_are_refused(options)?;
+    }
+    Ok(())
+}
+
+fn flipped_bytes_are_refused(options: WalOptions) -> TestResult {
+    let history = history_with(4, options.clone())?;
     let copy = scratch()?;
     copy_group(history.dir.path(), copy.path())?;
     let wal_dir = copy.path().join("wal");
@@ -680,7 +861,7 @@ fn flipped_byte_in_any_non_final_frame_is_refused_naming_the_file() -> TestResul
             let mut bad = clean.clone();
             bad[offset] ^= 0x04;
             fs::write(&path, &bad)?;
-            match Wal::open(copy.path(), history_segments()) {
+            match Wal::open(copy.path(), options.clone()) {
                 Err(err @ StorageError::Corrupt { .. }) => {
                     let message = err.to_string();
                     assert!(
@@ -696,7 +877,7 @@ fn flipped_byte_in_any_non_final_frame_is_refused_naming_the_file() -> TestResul
     }
     assert!(checked > 600, "only {checked} offsets checked");
     // Undamaged, it opens.
-    Wal::open(copy.path(), history_segments())?;
+    Wal::open(copy.path(), options.clone())?;
     Ok(())
 }
 
