@@ -12,7 +12,7 @@ use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::Channel;
 
 use crate::args::{Endpoint, GlobalOpts};
-use crate::errors::{START_HINT, describe_cause, describe_status, timed_out};
+use crate::errors::{START_HINT, describe_cause, describe_status, describe_tls_cause, timed_out};
 
 pub use sync_client::routing::{Leader, leader_hint};
 
@@ -61,7 +61,10 @@ pub async fn connect_with(
         .tcp_nodelay(true);
     match timeout(deadline, builder.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(describe_cause(&err)),
+        Ok(Err(err)) => Err(match tls {
+            Some(tls) => describe_tls_cause(&err, tls.presents_certificate()),
+            None => describe_cause(&err),
+        }),
         Err(_) => Err(timed_out(deadline)),
     }
 }
@@ -79,7 +82,10 @@ pub async fn status_of(
             .status(ClusterStatusRequest {})
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|status| describe_status(&status))
+            .map_err(|status| match (tls, std::error::Error::source(&status)) {
+                (Some(tls), Some(cause)) => describe_tls_cause(cause, tls.presents_certificate()),
+                _ => describe_status(&status),
+            })
     };
     timeout(deadline, exchange)
         .await

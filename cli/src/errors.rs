@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-pub use sync_client::error::{NOT_GRPC, START_HINT, describe_cause, is_not_grpc};
+pub use sync_client::error::{
+    NOT_GRPC, START_HINT, describe_cause, describe_tls_cause, is_not_grpc,
+};
 
 /// `cache set --if-version` found the key at another version: nothing was written. Its own type
 /// so that `main` can give it exit code 3, as the lock's "not acquired": the call worked, the

@@ -365,6 +365,71 @@ pub fn describe_cause(err: &(dyn StdError + 'static)) -> String {
     io_reason(err).unwrap_or_else(|| not_grpc_hint(innermost(err)))
 }
 
+/// [`describe_cause`] for a connection opened over TLS. A client that presents no certificate to
+/// a node started with `--client-cert-auth` completes its side of a TLS 1.3 handshake, and only
+/// then does the server refuse it: it sends a `CertificateRequired` alert and closes. Whether the
+/// client reads the alert or first trips over the closed socket (a broken pipe while it writes
+/// the HTTP/2 preface, a reset, an end of stream) is a race, so a closed connection on a TLS
+/// connection without a client certificate is named for its likely cause. The same race hides
+/// the alert for a certificate the server does not accept (one of another CA).
+///
+/// ```
+/// use std::io;
+/// let closed = io::Error::from(io::ErrorKind::BrokenPipe);
+/// let text = sync_client::error::describe_tls_cause(&closed, false);
+/// assert!(text.contains("requires a client certificate"), "{text}");
+/// // With a certificate presented, the server may not accept it.
+/// let text = sync_client::error::describe_tls_cause(&closed, true);
+/// assert!(text.contains("did not accept the client certificate"), "{text}");
+/// // A refused connection is no TLS matter.
+/// let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+/// assert_eq!(sync_client::error::describe_tls_cause(&refused, false), "connection refused");
+/// ```
+pub fn describe_tls_cause(err: &(dyn StdError + 'static), presents_certificate: bool) -> String {
+    let reason = describe_cause(err);
+    if reason.starts_with("TLS: ") || !is_closed_connection(err) {
+        return reason;
+    }
+    let closed = io_reason(err).unwrap_or_else(|| innermost(err));
+    if presents_certificate {
+        // The same race with a certificate the server does not accept (another CA's).
+        format!(
+            "TLS: the server closed the connection; right after the handshake, that means it \
+             did not accept the client certificate (is it signed by the CA the server trusts?) \
+             ({closed})"
+        )
+    } else {
+        format!(
+            "TLS: the server closed the connection after the handshake; it probably \
+             {CERTIFICATE_REQUIRED} ({closed})"
+        )
+    }
+}
+
+/// What a node started with `--client-cert-auth` asks of a client that presented no certificate.
+const CERTIFICATE_REQUIRED: &str = "requires a client certificate signed by its CA (syncctl \
+                                    --cert/--cert-key, TlsOptions::identity_files)";
+
+/// Whether a chain of causes says the peer closed the connection: a broken pipe, a reset, an
+/// aborted connection, an unexpected end of stream, or hyper's "connection closed".
+fn is_closed_connection(err: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        current = e.source();
+    }
+    let text = innermost(err);
+    text.contains("connection closed") || text.contains("channel closed")
+}
+
 /// The deepest cause in a chain of errors, in words: the most specific one.
 pub(crate) fn innermost(err: &(dyn StdError + 'static)) -> String {
     let mut current = err;
@@ -400,7 +465,7 @@ fn describe_io(err: &io::Error) -> String {
         io::ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
         io::ErrorKind::TimedOut => "timed out".to_owned(),
         // What an HTTP/1.1-only server (a metrics port) does to an HTTP/2 connection.
-        io::ErrorKind::BrokenPipe => format!("the server closed the connection; {NOT_GRPC}"),
+        io::ErrorKind::BrokenPipe => closed_by_server(),
         io::ErrorKind::AddrNotAvailable => "address not available".to_owned(),
         io::ErrorKind::HostUnreachable => "host unreachable".to_owned(),
         io::ErrorKind::NetworkUnreachable => "network unreachable".to_owned(),
@@ -420,9 +485,10 @@ fn describe_io(err: &io::Error) -> String {
 /// A failed TLS handshake in words that say what to change. rustls names the problem (an alert
 /// from the server, or what was wrong with its certificate); the common ones get advice.
 fn tls_reason(rustls: &str) -> String {
+    let required;
     let advice = if rustls.contains("CertificateRequired") {
-        "the server requires a client certificate signed by its CA (syncctl --cert/--cert-key, \
-         TlsOptions::identity_files)"
+        required = format!("the server {CERTIFICATE_REQUIRED}");
+        &required
     } else if rustls.contains("fatal alert: UnknownCA")
         || rustls.contains("fatal alert: BadCertificate")
         || rustls.contains("fatal alert: CertificateUnknown")
@@ -459,9 +525,20 @@ pub fn is_not_grpc(message: &str) -> bool {
 fn not_grpc_hint(message: String) -> String {
     if is_not_grpc(&message) {
         NOT_GRPC.to_owned()
+    } else if message == "connection closed" {
+        // hyper's words for an end of stream before any answer; whether a TLS server's alert
+        // or its close reaches a plaintext client first is a race (see `describe_tls_cause`).
+        closed_by_server()
     } else {
         message
     }
+}
+
+/// A server that closed the connection before answering anything: what an HTTP/1.1-only
+/// server (a metrics port) does to an HTTP/2 connection, and what a TLS server does to a
+/// plaintext one.
+fn closed_by_server() -> String {
+    format!("the server closed the connection; {NOT_GRPC}")
 }
 
 /// Joins the distinct reasons of failed attempts, in first-seen order.

@@ -23,7 +23,7 @@ use sync_proto::sync::v1::{ClusterStatusRequest, ClusterStatusResponse, Role};
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result, transport_reason};
+use crate::error::{Error, Result, describe_tls_cause, transport_reason};
 use crate::tls::{ClientTls, endpoint};
 
 /// The client's view of the cluster, and its connections.
@@ -214,6 +214,16 @@ impl Router {
         found
     }
 
+    /// The cause of a status that never reached a server, in words; over TLS without a client
+    /// certificate, a closed connection is named for its likely cause.
+    fn transport_reason(&self, status: &tonic::Status) -> Option<String> {
+        match &self.tls {
+            Some(tls) => std::error::Error::source(status)
+                .map(|cause| describe_tls_cause(cause, tls.presents_certificate)),
+            None => transport_reason(status),
+        }
+    }
+
     async fn status_of(
         &self,
         address: &str,
@@ -224,7 +234,7 @@ impl Router {
         request.set_timeout(timeout);
         match tokio::time::timeout(timeout, ClusterClient::new(channel).status(request)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(transport_reason(&status).unwrap_or_else(|| {
+            Ok(Err(status)) => Err(self.transport_reason(&status).unwrap_or_else(|| {
                 Error::from_status(&status, crate::error::CallKind::Other).to_string()
             })),
             Err(_) => Err(format!("timed out after {timeout:?}")),

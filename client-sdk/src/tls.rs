@@ -123,6 +123,11 @@ impl TlsOptions {
         self
     }
 
+    /// Whether a client certificate is presented ([`identity_pem`](TlsOptions::identity_pem)).
+    pub fn presents_certificate(&self) -> bool {
+        self.identity.is_some()
+    }
+
     /// A tonic endpoint for the node at `address` (`host:port`) with these settings, for tools
     /// that call the generated clients ([`crate::api`]) directly. Checks the PEM material each
     /// time; fails with [`Error::Tls`] if it is unusable.
@@ -146,7 +151,10 @@ impl TlsOptions {
         if let Some(domain) = &self.domain {
             config = config.domain_name(domain.clone());
         }
-        let tls = ClientTls(config);
+        let tls = ClientTls {
+            config,
+            presents_certificate: self.identity.is_some(),
+        };
         // Building a connector once checks what parsing alone cannot.
         tls.endpoint("127.0.0.1:1")?;
         Ok(tls)
@@ -155,7 +163,12 @@ impl TlsOptions {
 
 /// Checked TLS settings, ready for every connection the client opens.
 #[derive(Clone)]
-pub(crate) struct ClientTls(ClientTlsConfig);
+pub(crate) struct ClientTls {
+    config: ClientTlsConfig,
+    /// Whether `config` holds a client certificate: without one, a closed connection most
+    /// likely means the server requires one ([`crate::error::describe_tls_cause`]).
+    pub(crate) presents_certificate: bool,
+}
 
 impl fmt::Debug for ClientTls {
     // tonic's own Debug would print the private key.
@@ -173,9 +186,11 @@ impl ClientTls {
                 reason: e.to_string(),
             }
         })?;
-        endpoint.tls_config(self.0.clone()).map_err(|e| Error::Tls {
-            reason: innermost(&e),
-        })
+        endpoint
+            .tls_config(self.config.clone())
+            .map_err(|e| Error::Tls {
+                reason: innermost(&e),
+            })
     }
 }
 
