@@ -82,6 +82,18 @@ fn fence(epoch: u64, term: u64) -> Option<String> {
         .then(|| format!("cache command of directory epoch {epoch} in an entry of term {term}"))
 }
 
+/// The highest limit a reservation may reach. Versions are log indexes plus reserved blocks,
+/// far below this; a block that would pass it (a misconfigured `block`) is refused, so that
+/// `floor + 1` can never saturate and give a key the same version twice.
+pub const MAX_RESERVED_VERSION: u64 = u64::MAX / 2;
+
+/// Why a reservation of `block` versions above `base` is refused, if it is.
+fn too_large(base: u64, block: u64) -> Option<String> {
+    base.checked_add(block)
+        .is_none_or(|limit| limit > MAX_RESERVED_VERSION)
+        .then(|| format!("a reservation of {block} versions above {base} is too large"))
+}
+
 /// Every cache key's backing copy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CacheMemory {
@@ -192,6 +204,14 @@ impl CacheMemory {
                 ..Default::default()
             };
         };
+        // The write's version, if it applies, and so the reservation's base.
+        let next = index.max(self.floor(&write.key).saturating_add(1));
+        if let Some(refused) = too_large(next, w.block) {
+            return ipb::CacheWriteResult {
+                refused,
+                ..Default::default()
+            };
+        }
         let mut result = self.apply(index, term, now_ms, write);
         if result.applied {
             result.reserved_base = Some(self.reserve(&write.key, w.block));
@@ -208,6 +228,12 @@ impl CacheMemory {
         r: &ipb::CacheReadReserve,
     ) -> ipb::CacheReadReserveResult {
         if let Some(refused) = fence(r.epoch, term) {
+            return ipb::CacheReadReserveResult {
+                refused,
+                ..Default::default()
+            };
+        }
+        if let Some(refused) = too_large(self.floor(&r.key), r.block) {
             return ipb::CacheReadReserveResult {
                 refused,
                 ..Default::default()
@@ -251,6 +277,11 @@ impl CacheMemory {
         }
     }
 
+    /// The larger of `key`'s version and its reservation's limit (0 for an unknown key).
+    fn floor(&self, key: &str) -> u64 {
+        self.records.get(key).map_or(0, Record::floor)
+    }
+
     /// Makes `block` versions of `key` its latest reservation: `base` = max(its version, the
     /// previous limit), so the block overlaps neither a version memory gave nor an earlier
     /// block. Returns `base`.
@@ -259,6 +290,7 @@ impl CacheMemory {
         let base = record.floor();
         record.reserved = Reservation {
             base,
+            // Checked by the caller against MAX_RESERVED_VERSION.
             limit: base.saturating_add(block),
         };
         base
@@ -498,6 +530,26 @@ mod tests {
         // Nothing changed: the holder of (2, 7] may still write back inside it.
         assert_eq!(m, before);
         assert!(m.write_back(1, &write_back("k", 1, 3, "local")).applied);
+    }
+
+    #[test]
+    fn a_block_that_would_pass_the_version_ceiling_is_refused_and_reserves_nothing() {
+        let mut m = CacheMemory::default();
+        m.apply(2, 1, 0, &set("k", "a", None, None));
+        let before = m.clone();
+        // Base 2: a limit of MAX_RESERVED_VERSION + 1.
+        let r = m.read_reserve(1, 0, &read_reserve("k", 1, MAX_RESERVED_VERSION - 1));
+        assert!(!r.refused.is_empty());
+        let w = m.write_reserve(3, 1, 0, &write_reserve(set("k", "b", None, None), u64::MAX));
+        assert!(!w.refused.is_empty() && !w.applied);
+        assert_eq!(m, before);
+        // Right at the ceiling is allowed.
+        let r = m.read_reserve(1, 0, &read_reserve("k", 1, MAX_RESERVED_VERSION - 2));
+        assert_eq!((r.refused.as_str(), r.base), ("", 2));
+        assert_eq!(
+            m.apply(4, 1, 0, &delete("k")).version,
+            MAX_RESERVED_VERSION + 1
+        );
     }
 
     #[test]
