@@ -162,7 +162,7 @@ impl CacheMemory {
         }
         // Above the key's version and every reserved one; the log index otherwise, so that
         // without reservations versions are exactly the commit indexes they always were.
-        // (Saturating: versions are log indexes plus reserved blocks, far below u64::MAX.)
+        // (The floor is a log index or at most MAX_RESERVED_VERSION, so + 1 never saturates.)
         let current = self.records.entry(w.key.clone()).or_default();
         let version = index.max(current.floor().saturating_add(1));
         let (value, expires_at) = match mutation {
