@@ -76,6 +76,23 @@ const RECONNECT_MAX_MS: u32 = 2_000;
 const RESOLVE_MIN: Duration = Duration::from_millis(50);
 const RESOLVE_MAX: Duration = Duration::from_secs(1);
 
+/// The start of every script that changes a key ([`WRITE`], [`WRITE_BACK`]), as Lua: answers a
+/// replayed id from its record, then checks the fence: refuses an older epoch with `stale
+/// <newest>` and raises the fence to a newer one, before anything else is touched. The script
+/// names the id's record and the fence first, as the locals `done` and `fence_key`.
+macro_rules! replay_then_fence {
+    () => {
+        r#"
+local prior = redis.call('GET', done)
+if prior then return prior end
+local fence = tonumber(redis.call('GET', fence_key) or '0')
+local epoch = tonumber(ARGV[1])
+if epoch < fence then return 'stale ' .. string.format('%d', fence) end
+if epoch > fence then redis.call('SET', fence_key, ARGV[1]) end
+"#
+    };
+}
+
 /// Checks the fence, then reads a record; with a block, a ReadReserve: also reserves versions.
 /// KEYS: record, epoch, and for a ReadReserve its done key. ARGV: epoch, and for a ReadReserve
 /// the block, the done ttl ms and `resolve` or ''.
@@ -159,14 +176,10 @@ return {'ok', version, ttl, value, base}
 /// previous limit if larger), as [`READ`] does. A duplicate or expired retry reserves nothing:
 /// the directory grants no line for it. The client record keeps the write's result without the
 /// base, so a retry answers the same duplicate whichever of Write and WriteReserve carries it.
-pub const WRITE: &str = r#"
-local prior = redis.call('GET', KEYS[4])
-if prior then return prior end
-local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
-local epoch = tonumber(ARGV[1])
-if epoch < fence then return 'stale ' .. string.format('%d', fence) end
-if epoch > fence then redis.call('SET', KEYS[3], ARGV[1]) end
-local tagged = ARGV[7] ~= ''
+pub const WRITE: &str = concat!(
+    "local done, fence_key = KEYS[4], KEYS[3]",
+    replay_then_fence!(),
+    r#"local tagged = ARGV[7] ~= ''
 if tagged then
   local seq = tonumber(ARGV[7])
   local floor = tonumber(redis.call('HGET', KEYS[5], 'floor') or '0')
@@ -186,7 +199,7 @@ if tagged then
     early = 'expired'
   end
   if early then
-    redis.call('SET', KEYS[4], early, 'PX', ARGV[6])
+    redis.call('SET', done, early, 'PX', ARGV[6])
     return early
   end
 end
@@ -228,7 +241,7 @@ if ARGV[10] ~= '' then
     'reserve_limit', string.format('%d', base + tonumber(ARGV[10])))
   answer = result .. ' base ' .. string.format('%d', base)
 end
-redis.call('SET', KEYS[4], answer, 'PX', ARGV[6])
+redis.call('SET', done, answer, 'PX', ARGV[6])
 if tagged then
   redis.call('HSET', KEYS[5], ARGV[7], result)
   if redis.call('HLEN', KEYS[5]) > tonumber(ARGV[9]) + 1 then
@@ -245,7 +258,8 @@ if tagged then
   redis.call('PEXPIRE', KEYS[5], ARGV[6])
 end
 return answer
-"#;
+"#
+);
 
 /// A WriteBack (contract rule 6): answers a replayed id, checks the fence, then writes the value
 /// as exactly the given version, without a TTL, if that version is inside the key's latest
@@ -256,14 +270,10 @@ return answer
 /// holds that version or a newer one, or a newer reservation replaced the one the version came
 /// from). The counter is not touched: the version is at most the limit, and the key's next
 /// ordinary write goes above the limit anyway (see [`WRITE`]).
-pub const WRITE_BACK: &str = r#"
-local prior = redis.call('GET', KEYS[3])
-if prior then return prior end
-local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-local epoch = tonumber(ARGV[1])
-if epoch < fence then return 'stale ' .. string.format('%d', fence) end
-if epoch > fence then redis.call('SET', KEYS[2], ARGV[1]) end
-local r = redis.call('HMGET', KEYS[1], 'version', 'reserve_base', 'reserve_limit')
+pub const WRITE_BACK: &str = concat!(
+    "local done, fence_key = KEYS[3], KEYS[2]",
+    replay_then_fence!(),
+    r#"local r = redis.call('HMGET', KEYS[1], 'version', 'reserve_base', 'reserve_limit')
 local version = tonumber(ARGV[2])
 local result = 'refused'
 if r[2] ~= false and r[3] ~= false and version > tonumber(r[2]) and version <= tonumber(r[3])
@@ -272,9 +282,10 @@ if r[2] ~= false and r[3] ~= false and version > tonumber(r[2]) and version <= t
   redis.call('HDEL', KEYS[1], 'expires_at')
   result = 'wrote_back'
 end
-redis.call('SET', KEYS[3], result, 'PX', ARGV[4])
+redis.call('SET', done, result, 'PX', ARGV[4])
 return result
-"#;
+"#
+);
 
 /// Settles an ambiguous write (a Write, WriteReserve or WriteBack): its recorded result if it
 /// happened, else records it as `cancelled` so that it never will. (A ReadReserve is settled by
