@@ -636,10 +636,22 @@ async fn an_ambiguous_read_reserve_is_read_again_cancelled_or_moved() {
     assert_eq!(next, base + 10, "only the reservation of id 2 counted");
     // The key written past the reservation since: the reservation has no effect left, and the
     // request is answered as not done.
-    let (v2, _) = applied(&m, 2, 5, set("k", "b", None)).await;
-    assert!(v2 > v);
+    // Reserved again since (the version unchanged): the first block takes no write-back any more,
+    // so that request too is answered as not done.
+    let _ = read_reserved(&m, 1, 5, "k", 10).await;
     assert_eq!(
         m.settle_read_reserve(1, 4, "k", || true).await,
+        Some(Ok(ReadAnswer::Moved))
+    );
+    let (s5, base5) = read_reserved(&m, 1, 5, "k", 10).await;
+    assert_eq!(
+        m.settle_read_reserve(1, 5, "k", || true).await,
+        Some(Ok(ReadAnswer::Read(s5, Some(base5))))
+    );
+    let (v2, _) = applied(&m, 2, 6, set("k", "b", None)).await;
+    assert!(v2 > v);
+    assert_eq!(
+        m.settle_read_reserve(1, 5, "k", || true).await,
         Some(Ok(ReadAnswer::Moved))
     );
 }

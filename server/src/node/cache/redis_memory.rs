@@ -106,23 +106,26 @@ if epoch > fence then redis.call('SET', fence_key, ARGV[1]) end
 /// removes them. Unlike a plain read it changes memory, so it is resolved like a write when its
 /// answer is lost: its done key records `reserved <base> <version>`, small even for a large
 /// value. A replay (or, with `resolve`, the resolution) of a recorded ReadReserve reads the key
-/// again: if its version is still the recorded one, the value is the one read then (a version is
-/// never given twice), with the TTL left now, and the answer is the one a ReadReserve now would
-/// get (nothing changed the key or its reservation since); if the version moved, a newer write
-/// took the key past the block, so the reservation has no effect left and the request is
-/// answered `moved`, as if it never happened. A resolution that finds no record cancels the id.
+/// again: if its version and its latest reservation are still the recorded ones, the value is
+/// the one read then (a version is never given twice), with the TTL left now, and the answer is
+/// the one a ReadReserve now would get (nothing changed the key or its reservation since); if
+/// the version moved (a newer write took the key past the block) or a newer reservation replaced
+/// this one, the reservation has no effect left (memory takes no write-back from its block), so
+/// the request is answered `moved`, as if it never happened. A resolution that finds no record
+/// cancels the id.
 pub const READ: &str = r#"
 local function record()
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at', 'reserve_limit')
+  local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at', 'reserve_limit',
+    'reserve_base')
   local value, ttl = r[1], '-1'
   if value == false or (r[3] ~= false and now >= tonumber(r[3])) then
     value = false
   elseif r[3] ~= false then
     ttl = string.format('%d', tonumber(r[3]) - now)
   end
-  return r[2] or '0', ttl, value, tonumber(r[4] or '0')
+  return r[2] or '0', ttl, value, tonumber(r[4] or '0'), r[5]
 end
 local reserving = KEYS[3] ~= nil
 if reserving then
@@ -130,8 +133,8 @@ if reserving then
   if prior == 'cancelled' then return {'cancelled'} end
   if prior then
     local base, was = string.match(prior, '^reserved (%d+) (%d+)$')
-    local version, ttl, value = record()
-    if version ~= was then return {'moved'} end
+    local version, ttl, value, _, latest = record()
+    if version ~= was or latest ~= base then return {'moved'} end
     return {'ok', version, ttl, value, base}
   end
   if ARGV[4] == 'resolve' then
@@ -434,7 +437,8 @@ pub enum ReadAnswer {
     /// A ReadReserve whose id was cancelled by a resolution: it did not and never will happen.
     Cancelled,
     /// A replayed or resolved ReadReserve whose key has since been written past its
-    /// reservation: the reservation has no effect left, so it is answered as not done.
+    /// reservation, or reserved again: the reservation has no effect left, so it is answered as
+    /// not done.
     Moved,
 }
 
@@ -698,7 +702,7 @@ impl RedisMemory {
             )),
             (Ok(ReadAnswer::Moved), _) => unavailable(format!(
                 "redis at {} did not confirm the read-reserve in time, and the key has been \
-                 written past its reservation since",
+                 written past its reservation or reserved again since",
                 self.url
             )),
             (Ok(other), op) => unavailable(self.unexpected(&other, op)),
