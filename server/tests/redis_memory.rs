@@ -711,3 +711,44 @@ async fn eventually_stored(m: &RedisMemory, epoch: u64, id: MemOpId, key: &str) 
         }
     }
 }
+
+#[tokio::test]
+async fn write_back_requests_whose_answers_are_lost_are_answered_with_the_truth() {
+    let (redis, m) = memory().await;
+    let (_, b) = read_reserved(&m, 1, 1, "k", 10).await;
+    // Redis holds every script for three seconds, past the command timeout: the client gives
+    // the connection up, so the outcome is unknown and the shell resolves it by its id.
+    let pause = async || {
+        redis
+            .cli(&["CLIENT", "PAUSE", "3000", "WRITE"])
+            .await
+            .expect("pause")
+    };
+    pause().await;
+    let answer = run(&m, 1, 2, write_back("k", b + 1, "a")).await;
+    let s = eventually_stored(&m, 1, 3, "k").await;
+    match answer {
+        Ok(MemoryReply::WrittenBack { applied: true }) => assert_eq!(s.version, b + 1),
+        Err(MemoryError::Unavailable(_)) => {
+            assert_eq!(s.version, 0, "refused: no trace");
+            // And it never lands later: the same version, asked again, is taken now.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(wrote_back(&m, 1, 4, "k", b + 1, "again").await);
+        }
+        other => panic!("{other:?}"),
+    }
+    pause().await;
+    let op = MemoryOp::ReadReserve {
+        key: "k".into(),
+        block: 10,
+    };
+    let answer = run(&m, 1, 5, op).await;
+    let (_, next) = read_reserved(&m, 1, 6, "k", 10).await;
+    match answer {
+        Ok(MemoryReply::ReadReserved(s, base)) => {
+            assert_eq!((s.version, base, next), (b + 1, b + 10, b + 20));
+        }
+        Err(MemoryError::Unavailable(_)) => assert_eq!(next, b + 10, "refused: no trace"),
+        other => panic!("{other:?}"),
+    }
+}
