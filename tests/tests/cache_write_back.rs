@@ -94,45 +94,51 @@ async fn write_locally(c: &Cluster, writer: u64, key: &str) -> anyhow::Result<(u
     Ok((v1, v2))
 }
 
+/// A local write on a follower, seen dirty with memory behind, then recalled by a read on
+/// another follower, which gets its value and version; memory has it afterwards.
+async fn local_write_then_recall(c: &Cluster) -> anyhow::Result<()> {
+    let (leader, writer, reader) = roles(c).await?;
+    let (v1, v2) = write_locally(c, writer, "k").await?;
+    let m = in_memory(c, leader, "k").await?;
+    ensure!(
+        m == v1,
+        "memory has {m}, not {v1}: the local write reached it"
+    );
+    // The writer's own Get hits its dirty line.
+    let g = get(c, writer, "k").await?;
+    ensure!(g.hit && g.value == "local" && g.version == v2, "{g:?}");
+    // A read on another node recalls the dirty line: memory gets the write first.
+    let g = get(c, reader, "k").await?;
+    ensure!(!g.hit && g.found, "{g:?}");
+    ensure!(
+        g.value == "local" && g.version == v2,
+        "the reader got {:?} v{}, not the local write v{v2}",
+        g.value,
+        g.version
+    );
+    let m = in_memory(c, leader, "k").await?;
+    ensure!(m == v2, "memory has {m} after the recall, not {v2}");
+    // A recalled dirty line is dropped, not kept Shared (docs/cache.md, "A deviation").
+    let s = state(c, writer, "k").await?;
+    ensure!(
+        !s.dirty && mesi(s.state) == MesiState::Invalid,
+        "the writer after the recall: {s:?}"
+    );
+    ensure!(stats(c, writer).await?.dirty_lines == 0, "still dirty");
+    // A write elsewhere after that is above the local version.
+    let v3 = set(c, reader, "k", "after").await?;
+    ensure!(v3 > v2, "v{v3} after the local v{v2}");
+    let local = series(c, writer, "syncd_cache_local_writes_total").await?;
+    ensure!(local >= 1.0, "syncd_cache_local_writes_total = {local}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_write_is_answered_by_its_node_and_a_read_elsewhere_recalls_it() {
     // A flush interval far longer than the test: only the recall can write the line back.
     let options = write_back("60s", &[]);
     scenario(3, options, Duration::from_secs(120), async |c| {
-        let (leader, writer, reader) = roles(c).await?;
-        let (v1, v2) = write_locally(c, writer, "k").await?;
-        let m = in_memory(c, leader, "k").await?;
-        ensure!(
-            m == v1,
-            "memory has {m}, not {v1}: the local write reached it"
-        );
-        // The writer's own Get hits its dirty line.
-        let g = get(c, writer, "k").await?;
-        ensure!(g.hit && g.value == "local" && g.version == v2, "{g:?}");
-        // A read on another node recalls the dirty line: memory gets the write first.
-        let g = get(c, reader, "k").await?;
-        ensure!(!g.hit && g.found, "{g:?}");
-        ensure!(
-            g.value == "local" && g.version == v2,
-            "the reader got {:?} v{}, not the local write v{v2}",
-            g.value,
-            g.version
-        );
-        let m = in_memory(c, leader, "k").await?;
-        ensure!(m == v2, "memory has {m} after the recall, not {v2}");
-        // A recalled dirty line is dropped, not kept Shared (docs/cache.md, "A deviation").
-        let s = state(c, writer, "k").await?;
-        ensure!(
-            !s.dirty && mesi(s.state) == MesiState::Invalid,
-            "the writer after the recall: {s:?}"
-        );
-        ensure!(stats(c, writer).await?.dirty_lines == 0, "still dirty");
-        // A write elsewhere after that is above the local version.
-        let v3 = set(c, reader, "k", "after").await?;
-        ensure!(v3 > v2, "v{v3} after the local v{v2}");
-        let local = series(c, writer, "syncd_cache_local_writes_total").await?;
-        ensure!(local >= 1.0, "syncd_cache_local_writes_total = {local}");
-        Ok(())
+        local_write_then_recall(c).await
     })
     .await;
 }

@@ -14,6 +14,11 @@
 //!   Redis ([`redis_memory`]: one Lua script per request). Each request, like each leadership
 //!   check, is a future this task polls itself ([`Pending`]), not a task of its own;
 //! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe;
+//! - in write-back mode (`--cache-write-mode write-back`, `CacheConfig::write_back`), carries the
+//!   core's `WriteBack`s and `DirtyAck`s like any message, and keeps the write-back metrics:
+//!   it times each `WriteBack` from leaving to its `WriteBackDone` (outcome and flush latency),
+//!   counts the directory's `GaveUp`s, and turns the core's counters and dirty-line count into
+//!   metrics every tick. The core decides everything; the runtime only measures;
 //! - publishes the node's lines and lease in its read view ([`Hits`]) after every call into the
 //!   core and before carrying out that call's effects, so that a hit is served on the caller's
 //!   own task with no hop into this one (`cache::view` says why that is as safe as asking).
