@@ -162,7 +162,7 @@ async fn the_original_scenario_node_by_node_with_mesi_states() {
             "capacity_bytes",
             "local_writes",
             "dirty_lines",
-            "writes_lost",
+            "dirty_lines_lost",
         ] {
             ensure!(on_leader[field].is_u64(), "no {field}: {on_leader}");
         }

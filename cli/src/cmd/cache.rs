@@ -318,7 +318,7 @@ fn print_stats(output: Output, s: &sync_client::api::CacheStatsResponse) -> anyh
         ("capacity_bytes", s.capacity_bytes),
         ("local_writes", s.local_writes),
         ("dirty_lines", s.dirty_lines),
-        ("writes_lost", s.writes_lost),
+        ("dirty_lines_lost", s.dirty_lines_lost),
     ];
     match output {
         Output::Json => {

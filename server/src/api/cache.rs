@@ -326,7 +326,7 @@ impl api::cache_server::Cache for CacheService {
             capacity_bytes: self.cache.cfg.capacity_bytes,
             local_writes: s.node.local_writes,
             dirty_lines: s.dirty_lines as u64,
-            writes_lost: s.node.dirty_lost,
+            dirty_lines_lost: s.node.dirty_lost,
         }))
     }
 
