@@ -231,24 +231,34 @@ async fn a_killed_dirty_holder_loses_only_its_unflushed_writes_and_no_version_is
             },
         )
         .await?;
-        let v3 = set(c, writer, "d", "lost-1").await?;
-        let v4 = set(c, writer, "d", "lost-2").await?;
-        ensure!(v2 < v3 && v3 < v4, "local versions {v2} {v3} {v4}");
+        // Enough local writes that their versions run well ahead of the log's index: a next
+        // version taken from the log alone (the reservation ignored) would reuse one of them.
+        let mut lost = Vec::new();
+        for i in 0..20 {
+            lost.push(set(c, writer, "d", &format!("lost-{i}")).await?);
+        }
+        ensure!(
+            lost.first() > Some(&v2) && lost.windows(2).all(|w| w[0] < w[1]),
+            "local versions after v{v2}: {lost:?}"
+        );
+        let (v3, v4) = (lost[0], lost[lost.len() - 1]);
         let s = state(c, writer, "d").await?;
         ensure!(s.dirty && s.version == v4, "before the kill: {s:?}");
         c.kill9(writer).await?;
         c.note(format!(
-            "node {writer} killed holding v{v3} and v{v4} unflushed"
+            "node {writer} killed holding v{v3} to v{v4} unflushed"
         ));
         // The directory waits out the dead holder's lease, then reads memory: the flushed
         // write, not the lost ones.
         let g = get(c, reader, "d").await?;
         ensure!(
             g.found && g.value == "local" && g.version == v2,
-            "after the holder died: {g:?} (flushed v{v2}, lost v{v3}, v{v4})"
+            "after the holder died: {g:?} (flushed v{v2}, lost v{v3} to v{v4})"
         );
-        // The next write's version is above every version the dead holder gave.
-        let v5 = set(c, reader, "d", "next").await?;
+        // The next write's version is above every version the dead holder gave. Through the
+        // leader, which holds no line of the key, so the write goes to memory (the reader's
+        // exclusive line would write locally, numbered from its own reservation).
+        let v5 = set(c, leader, "d", "next").await?;
         ensure!(
             v5 > v4,
             "v{v5} reuses a lost holder's version (up to v{v4})"
