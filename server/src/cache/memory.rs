@@ -33,7 +33,10 @@
 //!    limit, and from then on give the key only versions above that limit. A
 //!    [`MemoryOp::WriteBack`] writes a value with its own version, only if that version is
 //!    inside the key's latest reservation and above the key's version; otherwise it changes
-//!    nothing and answers `WrittenBack { applied: false }`.
+//!    nothing and answers `WrittenBack { applied: false }`. A WriteReserve whose write does not
+//!    apply (a mismatch) may reserve or not, and answers `WrittenReserved` or `Written`
+//!    accordingly (the directory grants no line for it either way; the Raft memory does not
+//!    reserve); a retried one answers `Duplicate`.
 
 use bytes::Bytes;
 

@@ -305,40 +305,53 @@ impl ReplicatedState {
             index,
             now_ms: self.now_ms,
         };
-        let result = match command.op {
-            Some(Op::KvPut(put)) => Some(R::KvPut(ipb::KvPutResult {
-                replaced: self.kv.put(put.key, put.value, index),
-            })),
-            Some(Op::KvDelete(del)) => Some(R::KvDelete(ipb::KvDeleteResult {
-                existed: self.kv.delete(&del.key),
-            })),
-            Some(Op::Tick(_)) | Some(Op::LeaderEpoch(_)) => None,
-            Some(Op::Lock(cmd)) => {
-                let request = request.map(|r| ipb::ClientRequest {
-                    client_id: r.client_id,
-                    sequence: r.sequence,
-                });
-                Some(R::Lock(self.locks.apply(&cmd, request, at)))
-            }
-            Some(Op::Queue(cmd)) => {
-                let (result, advanced) = self.queues.apply_reporting(index, self.now_ms, &cmd);
-                let mut ready = advanced.woken;
-                ready.extend(self.queue_command_topics(&cmd));
-                if let Some((event, count)) = queue_applied(&result) {
-                    self.notices.push(Notice::QueueApplied { event, count });
+        let result =
+            match command.op {
+                Some(Op::KvPut(put)) => Some(R::KvPut(ipb::KvPutResult {
+                    replaced: self.kv.put(put.key, put.value, index),
+                })),
+                Some(Op::KvDelete(del)) => Some(R::KvDelete(ipb::KvDeleteResult {
+                    existed: self.kv.delete(&del.key),
+                })),
+                Some(Op::Tick(_)) | Some(Op::LeaderEpoch(_)) => None,
+                Some(Op::Lock(cmd)) => {
+                    let request = request.map(|r| ipb::ClientRequest {
+                        client_id: r.client_id,
+                        sequence: r.sequence,
+                    });
+                    Some(R::Lock(self.locks.apply(&cmd, request, at)))
                 }
-                self.notices
-                    .extend(ready.into_iter().map(Notice::QueueReady));
-                Some(R::Queue(result))
-            }
-            Some(Op::CacheWrite(w)) => Some(R::CacheWrite(self.cache.apply(
-                index,
-                entry.term,
-                self.now_ms,
-                &w,
-            ))),
-            None => Some(R::Rejected("command has no operation".into())),
-        };
+                Some(Op::Queue(cmd)) => {
+                    let (result, advanced) = self.queues.apply_reporting(index, self.now_ms, &cmd);
+                    let mut ready = advanced.woken;
+                    ready.extend(self.queue_command_topics(&cmd));
+                    if let Some((event, count)) = queue_applied(&result) {
+                        self.notices.push(Notice::QueueApplied { event, count });
+                    }
+                    self.notices
+                        .extend(ready.into_iter().map(Notice::QueueReady));
+                    Some(R::Queue(result))
+                }
+                Some(Op::CacheWrite(w)) => Some(R::CacheWrite(self.cache.apply(
+                    index,
+                    entry.term,
+                    self.now_ms,
+                    &w,
+                ))),
+                Some(Op::CacheWriteReserve(w)) => Some(R::CacheWrite(self.cache.write_reserve(
+                    index,
+                    entry.term,
+                    self.now_ms,
+                    &w,
+                ))),
+                Some(Op::CacheReadReserve(r)) => Some(R::CacheReadReserve(
+                    self.cache.read_reserve(entry.term, self.now_ms, &r),
+                )),
+                Some(Op::CacheWriteBack(w)) => {
+                    Some(R::CacheWriteBack(self.cache.write_back(entry.term, &w)))
+                }
+                None => Some(R::Rejected("command has no operation".into())),
+            };
         ipb::CommandResult { result }
     }
 
@@ -423,7 +436,8 @@ impl ReplicatedState {
 }
 
 /// A cache write refused outright (a stale epoch) changed nothing and is not remembered, so
-/// that its retry, sent by the next directory, can still apply.
+/// that its retry, sent by the next directory, can still apply. (A reserving write answers with
+/// a CacheWriteResult too; reserving reads and write-backs carry no request id.)
 fn refused_cache_write(result: &ipb::CommandResult) -> bool {
     matches!(
         &result.result,
@@ -503,32 +517,25 @@ mod tests {
         assert_eq!(s.applied_index(), 2);
     }
 
+    /// A Set of `k` to `value` by the directory of `epoch`.
+    fn set_k(epoch: u64, value: &str) -> ipb::CacheWrite {
+        ipb::CacheWrite {
+            key: "k".into(),
+            epoch,
+            mutation: Some(ipb::cache_write::Mutation::Set(ipb::CacheSet {
+                value: Bytes::from(value.to_string()),
+                ttl_ms: None,
+            })),
+            expect_version: None,
+            tag: None,
+        }
+    }
+
     /// A cache write of `value` to `k` by the directory of `epoch`, in an entry of `term`,
     /// tagged as request `sequence` of client 9.
     fn cache_entry(index: u64, term: u64, epoch: u64, value: &str, sequence: u64) -> pb::Entry {
-        pb::Entry {
-            term,
-            index,
-            entry_type: pb::EntryType::Normal as i32,
-            data: encode_command(
-                Op::CacheWrite(ipb::CacheWrite {
-                    key: "k".into(),
-                    epoch,
-                    mutation: Some(ipb::cache_write::Mutation::Set(ipb::CacheSet {
-                        value: Bytes::from(value.to_string()),
-                        ttl_ms: None,
-                    })),
-                    expect_version: None,
-                    tag: None,
-                }),
-                0,
-            ),
-            request: Some(pb::RequestId {
-                client_id: 9,
-                sequence,
-                lowest_unacked: 1,
-            }),
-        }
+        let op = Op::CacheWrite(set_k(epoch, value));
+        cache_op_entry(index, term, op, Some(sequence))
     }
 
     fn cache_result(a: Applied) -> ipb::CacheWriteResult {
@@ -565,6 +572,106 @@ mod tests {
         assert!(
             retry.applied && !retry.duplicate && retry.version == 2,
             "{retry:?}"
+        );
+    }
+
+    /// An entry of `term` carrying a cache command, tagged as request `sequence` of client 9.
+    fn cache_op_entry(index: u64, term: u64, op: Op, sequence: Option<u64>) -> pb::Entry {
+        pb::Entry {
+            term,
+            index,
+            entry_type: pb::EntryType::Normal as i32,
+            data: encode_command(op, 0),
+            request: sequence.map(|sequence| pb::RequestId {
+                client_id: 9,
+                sequence,
+                lowest_unacked: 1,
+            }),
+        }
+    }
+
+    /// A reserving Set of `k` to `value` by the directory of `epoch`.
+    fn write_reserve(epoch: u64, value: &str, block: u64) -> Op {
+        Op::CacheWriteReserve(ipb::CacheWriteReserve {
+            write: Some(set_k(epoch, value)),
+            block,
+        })
+    }
+
+    #[test]
+    fn a_retried_reserving_write_is_applied_once_and_reserves_once() {
+        let mut s = ReplicatedState::default();
+        let first =
+            cache_result(s.apply(&cache_op_entry(1, 1, write_reserve(1, "a", 10), Some(1))));
+        assert!(first.applied && !first.duplicate);
+        assert_eq!((first.version, first.reserved_base), (1, Some(1)));
+        let retry =
+            cache_result(s.apply(&cache_op_entry(2, 1, write_reserve(1, "a", 10), Some(1))));
+        assert!(retry.duplicate, "{retry:?}");
+        // Nothing changed: the reservation is the first one's, not a second block above it.
+        assert_eq!(s.cache_memory().reservation("k"), Some((1, 11)));
+        assert_eq!(s.cache_memory().read("k", 0).version, 1);
+    }
+
+    #[test]
+    fn a_reserving_write_refused_for_its_epoch_is_not_remembered_and_reserves_nothing() {
+        let mut s = ReplicatedState::default();
+        let refused =
+            cache_result(s.apply(&cache_op_entry(1, 2, write_reserve(1, "a", 10), Some(1))));
+        assert!(!refused.refused.is_empty() && refused.reserved_base.is_none());
+        assert_eq!(s.cache_memory().reservation("k"), None);
+        let retry =
+            cache_result(s.apply(&cache_op_entry(2, 2, write_reserve(2, "a", 10), Some(1))));
+        assert!(retry.applied && !retry.duplicate, "{retry:?}");
+        assert_eq!(retry.reserved_base, Some(2));
+    }
+
+    #[test]
+    fn reserving_reads_and_write_backs_are_applied_as_commands_and_survive_a_snapshot() {
+        use ipb::command_result::Result as R;
+        let mut s = ReplicatedState::default();
+        let read = Op::CacheReadReserve(ipb::CacheReadReserve {
+            key: "k".into(),
+            epoch: 1,
+            block: 100,
+        });
+        let Applied::Result(ipb::CommandResult {
+            result: Some(R::CacheReadReserve(r)),
+        }) = s.apply(&cache_op_entry(1, 1, read, None))
+        else {
+            panic!("not a reserving read's result");
+        };
+        assert_eq!((r.version, r.base), (0, 0));
+        let back = |version| {
+            Op::CacheWriteBack(ipb::CacheWriteBack {
+                key: "k".into(),
+                epoch: 1,
+                version,
+                value: Bytes::from("local"),
+            })
+        };
+        let Applied::Result(ipb::CommandResult {
+            result: Some(R::CacheWriteBack(w)),
+        }) = s.apply(&cache_op_entry(2, 1, back(40), None))
+        else {
+            panic!("not a write-back's result");
+        };
+        assert!(w.applied);
+        // After a restart from a snapshot (the holder gone with it), the block still holds:
+        // the next write skips it, and a write-back below that write's version is refused.
+        let mut restored = ReplicatedState::restore(&s.snapshot()).unwrap();
+        assert_eq!(restored.cache_memory(), s.cache_memory());
+        let w = cache_result(restored.apply(&cache_entry(3, 1, 1, "b", 1)));
+        assert_eq!(w.version, 101);
+        let Applied::Result(ipb::CommandResult {
+            result: Some(R::CacheWriteBack(late)),
+        }) = restored.apply(&cache_op_entry(4, 1, back(50), None))
+        else {
+            panic!("not a write-back's result");
+        };
+        assert!(
+            !late.applied,
+            "a write-back below the key's version applied"
         );
     }
 
