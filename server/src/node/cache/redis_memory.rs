@@ -1,6 +1,7 @@
 //! Memory in Redis: the cache's backing store when a node starts with
 //! `--cache-backend redis://HOST:PORT[/DB]`. Redis is main memory and the nodes are coherent
-//! caches in front of it (write-through: memory holds a value before its Set returns).
+//! caches in front of it (write-through: memory holds a value before its Set returns; in
+//! write-back mode, a holder's local writes reach it later as WriteBacks).
 //!
 //! Every [`MemoryRequest`] is one Lua script, so it is atomic in Redis, and every script honours
 //! the memory contract of [`crate::cache::memory`]:
@@ -27,7 +28,13 @@
 //!   until Redis answers: the recorded result if the write happened, else the id is recorded as
 //!   `cancelled`, which the write script answers without writing if the original arrives late.
 //!   Only then does the directory get its answer. A request that could not be sent (no
-//!   connection) fails at once as UNAVAILABLE, naming the Redis URL.
+//!   connection) fails at once as UNAVAILABLE, naming the Redis URL;
+//! - **reservations** (write-back mode, contract rule 6): a ReadReserve is [`READ`] and a
+//!   WriteReserve is [`WRITE`], each with a block, recording `reserve_base` and `reserve_limit`
+//!   in the key's record; a write's version is always above `reserve_limit`; a WriteBack
+//!   ([`WRITE_BACK`]) writes its own version only inside that reservation. All three record
+//!   their result under their id and are resolved like writes (a ReadReserve by [`READ`]
+//!   itself, which reads the key again rather than keeping a copy of the value).
 //!
 //! The scripts check everything before their first write, and their writes cannot fail on a
 //! well-formed record, so a script never stops half way.
@@ -44,7 +51,7 @@ use fred::types::{ClusterHash, CustomCommand};
 
 use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
 use crate::cache::message::{Mutation, Write, WriteResult};
-use crate::cache::{Epoch, Stored};
+use crate::cache::{Epoch, Stored, Version};
 
 /// How long a write's result (or its cancellation) is remembered for replays. A request still
 /// in flight after this long is not a real risk: every command has [`COMMAND_TIMEOUT`].
@@ -69,47 +76,113 @@ const RECONNECT_MAX_MS: u32 = 2_000;
 const RESOLVE_MIN: Duration = Duration::from_millis(50);
 const RESOLVE_MAX: Duration = Duration::from_secs(1);
 
-/// Checks the fence, then reads a record.
-/// KEYS: record, epoch. ARGV: epoch.
-/// Returns `{'stale', newest}` or `{'ok', version, ttl_left_ms or -1, value or false}`.
+/// The start of every script that changes a key ([`WRITE`], [`WRITE_BACK`]), as Lua: answers a
+/// replayed id from its record, then checks the fence: refuses an older epoch with `stale
+/// <newest>` and raises the fence to a newer one, before anything else is touched. The script
+/// names the id's record and the fence first, as the locals `done` and `fence_key`.
+macro_rules! replay_then_fence {
+    () => {
+        r#"
+local prior = redis.call('GET', done)
+if prior then return prior end
+local fence = tonumber(redis.call('GET', fence_key) or '0')
+local epoch = tonumber(ARGV[1])
+if epoch < fence then return 'stale ' .. string.format('%d', fence) end
+if epoch > fence then redis.call('SET', fence_key, ARGV[1]) end
+"#
+    };
+}
+
+/// Checks the fence, then reads a record; with a block, a ReadReserve: also reserves versions.
+/// KEYS: record, epoch, and for a ReadReserve its done key. ARGV: epoch, and for a ReadReserve
+/// the block, the done ttl ms and `resolve` or ''.
+/// Returns `{'stale', newest}` or `{'ok', version, ttl_left_ms or -1, value or false}`, and for a
+/// ReadReserve the base as a fifth item; a ReadReserve may also return `{'cancelled'}` or
+/// `{'moved'}`.
+///
+/// A ReadReserve (contract rule 6) reserves `base + 1 ..= base + block` with `base` the larger of
+/// the key's version and its previous `reserve_limit`, and records `reserve_base` and
+/// `reserve_limit` in the key's record, where neither a deletion nor an expiry of the value
+/// removes them. Unlike a plain read it changes memory, so it is resolved like a write when its
+/// answer is lost: its done key records `reserved <base> <version>`, small even for a large
+/// value. A replay (or, with `resolve`, the resolution) of a recorded ReadReserve reads the key
+/// again: if its version and its latest reservation are still the recorded ones, the value is
+/// the one read then (a version is never given twice), with the TTL left now, and the answer is
+/// the one a ReadReserve now would get (nothing changed the key or its reservation since); if
+/// the version moved (a newer write took the key past the block) or a newer reservation replaced
+/// this one, the reservation has no effect left (memory takes no write-back from its block), so
+/// the request is answered `moved`, as if it never happened. A resolution that finds no record
+/// cancels the id.
 pub const READ: &str = r#"
+local function record()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at', 'reserve_limit',
+    'reserve_base')
+  local value, ttl = r[1], '-1'
+  if value == false or (r[3] ~= false and now >= tonumber(r[3])) then
+    value = false
+  elseif r[3] ~= false then
+    ttl = string.format('%d', tonumber(r[3]) - now)
+  end
+  return r[2] or '0', ttl, value, tonumber(r[4] or '0'), r[5]
+end
+local reserving = KEYS[3] ~= nil
+if reserving then
+  local prior = redis.call('GET', KEYS[3])
+  if prior == 'cancelled' then return {'cancelled'} end
+  if prior then
+    local base, was = string.match(prior, '^reserved (%d+) (%d+)$')
+    local version, ttl, value, _, latest = record()
+    if version ~= was or latest ~= base then return {'moved'} end
+    return {'ok', version, ttl, value, base}
+  end
+  if ARGV[4] == 'resolve' then
+    redis.call('SET', KEYS[3], 'cancelled', 'PX', ARGV[3])
+    return {'cancelled'}
+  end
+end
 local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
 local epoch = tonumber(ARGV[1])
 if epoch < fence then return {'stale', string.format('%d', fence)} end
 if epoch > fence then redis.call('SET', KEYS[2], ARGV[1]) end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at')
-local version = r[2] or '0'
-if r[1] == false or (r[3] ~= false and now >= tonumber(r[3])) then
-  return {'ok', version, '-1', false}
-end
-local ttl = '-1'
-if r[3] ~= false then ttl = string.format('%d', tonumber(r[3]) - now) end
-return {'ok', version, ttl, r[1]}
+local version, ttl, value, limit = record()
+if not reserving then return {'ok', version, ttl, value} end
+local base = string.format('%d', math.max(tonumber(version), limit))
+redis.call('HSET', KEYS[1], 'reserve_base', base,
+  'reserve_limit', string.format('%d', tonumber(base) + tonumber(ARGV[2])))
+redis.call('SET', KEYS[3], 'reserved ' .. base .. ' ' .. version, 'PX', ARGV[3])
+return {'ok', version, ttl, value, base}
 "#;
 
 /// Answers a replayed id, checks the fence, answers a retried client request from the client's
 /// record, then writes (Set, Delete, CompareAndSet) and records the result under the id and,
-/// for a tagged write, in the client's record.
+/// for a tagged write, in the client's record; with a block, a WriteReserve: also reserves
+/// versions after the write.
 /// KEYS: record, seq, epoch, done, client. ARGV: epoch, `set` | `del`, expected version or '',
 /// value, ttl ms or '', done ttl ms, the tag's sequence or '' (untagged), the tag's lowest
-/// unacked, the most results a client record keeps.
+/// unacked, the most results a client record keeps, the block or '' (a plain write).
 /// Returns `stale <newest>`, `cancelled`, `expired`, `mismatch <current>`,
-/// `applied <version> <0|1>`, or `duplicate ` and one of the last two.
+/// `applied <version> <0|1>`, or `duplicate ` and one of the last two; a WriteReserve that wrote
+/// or mismatched appends ` base <base>`.
 ///
 /// The client record (`<prefix>client:<id>`, a hash) mirrors the replicated state's client
 /// table: `floor` (sequences below it were released by the client) and one field per
 /// remembered sequence. A request below the floor is `expired`: it may have been applied, so it
 /// is never applied again. The record expires [`DONE_TTL`] after the client's last write.
-pub const WRITE: &str = r#"
-local prior = redis.call('GET', KEYS[4])
-if prior then return prior end
-local fence = tonumber(redis.call('GET', KEYS[3]) or '0')
-local epoch = tonumber(ARGV[1])
-if epoch < fence then return 'stale ' .. string.format('%d', fence) end
-if epoch > fence then redis.call('SET', KEYS[3], ARGV[1]) end
-local tagged = ARGV[7] ~= ''
+///
+/// Reservations (contract rule 6): a write's version comes from the counter but is above the
+/// key's `reserve_limit`. The counter jumps past the limit only when a write of that key needs
+/// it, not at every reservation: versions are Lua numbers (doubles, exact up to 2^53), and a jump
+/// of `block` per fill would use them up far sooner. A WriteReserve then reserves the `block`
+/// versions after the write's (or, after a mismatch, after the key's current version or the
+/// previous limit if larger), as [`READ`] does. A duplicate or expired retry reserves nothing:
+/// the directory grants no line for it. The client record keeps the write's result without the
+/// base, so a retry answers the same duplicate whichever of Write and WriteReserve carries it.
+pub const WRITE: &str = concat!(
+    "local done, fence_key = KEYS[4], KEYS[3]",
+    replay_then_fence!(),
+    r#"local tagged = ARGV[7] ~= ''
 if tagged then
   local seq = tonumber(ARGV[7])
   local floor = tonumber(redis.call('HGET', KEYS[5], 'floor') or '0')
@@ -129,20 +202,26 @@ if tagged then
     early = 'expired'
   end
   if early then
-    redis.call('SET', KEYS[4], early, 'PX', ARGV[6])
+    redis.call('SET', done, early, 'PX', ARGV[6])
     return early
   end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at')
+local r = redis.call('HMGET', KEYS[1], 'value', 'version', 'expires_at', 'reserve_limit')
 local current = tonumber(r[2] or '0')
+local limit = tonumber(r[4] or '0')
 local existed = r[1] ~= false and (r[3] == false or now < tonumber(r[3]))
 local result
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   result = 'mismatch ' .. string.format('%d', current)
 else
   local version = redis.call('INCR', KEYS[2])
+  if version <= limit then
+    version = limit + 1
+    redis.call('SET', KEYS[2], string.format('%d', version))
+  end
+  current = version
   if ARGV[2] == 'set' then
     redis.call('HSET', KEYS[1], 'value', ARGV[4], 'version', string.format('%d', version))
     if ARGV[5] ~= '' then
@@ -158,7 +237,14 @@ else
   if existed then e = '1' end
   result = 'applied ' .. string.format('%d', version) .. ' ' .. e
 end
-redis.call('SET', KEYS[4], result, 'PX', ARGV[6])
+local answer = result
+if ARGV[10] ~= '' then
+  local base = math.max(current, limit)
+  redis.call('HSET', KEYS[1], 'reserve_base', string.format('%d', base),
+    'reserve_limit', string.format('%d', base + tonumber(ARGV[10])))
+  answer = result .. ' base ' .. string.format('%d', base)
+end
+redis.call('SET', done, answer, 'PX', ARGV[6])
 if tagged then
   redis.call('HSET', KEYS[5], ARGV[7], result)
   if redis.call('HLEN', KEYS[5]) > tonumber(ARGV[9]) + 1 then
@@ -174,12 +260,40 @@ if tagged then
   end
   redis.call('PEXPIRE', KEYS[5], ARGV[6])
 end
-return result
-"#;
+return answer
+"#
+);
 
-/// Settles an ambiguous write: its recorded result if it happened, else records it as
-/// `cancelled` so that it never will.
-/// KEYS: done. ARGV: done ttl ms. Returns what [`WRITE`] returns.
+/// A WriteBack (contract rule 6): answers a replayed id, checks the fence, then writes the value
+/// as exactly the given version, without a TTL, if that version is inside the key's latest
+/// reservation (`reserve_base < version <= reserve_limit`) and above the key's version, and
+/// records the outcome under the id.
+/// KEYS: record, epoch, done. ARGV: epoch, version, value, done ttl ms.
+/// Returns `stale <newest>`, `cancelled`, `wrote_back` or `refused` (nothing changed: memory
+/// holds that version or a newer one, or a newer reservation replaced the one the version came
+/// from). The counter is not touched: the version is at most the limit, and the key's next
+/// ordinary write goes above the limit anyway (see [`WRITE`]).
+pub const WRITE_BACK: &str = concat!(
+    "local done, fence_key = KEYS[3], KEYS[2]",
+    replay_then_fence!(),
+    r#"local r = redis.call('HMGET', KEYS[1], 'version', 'reserve_base', 'reserve_limit')
+local version = tonumber(ARGV[2])
+local result = 'refused'
+if r[2] ~= false and r[3] ~= false and version > tonumber(r[2]) and version <= tonumber(r[3])
+    and version > tonumber(r[1] or '0') then
+  redis.call('HSET', KEYS[1], 'value', ARGV[3], 'version', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'expires_at')
+  result = 'wrote_back'
+end
+redis.call('SET', done, result, 'PX', ARGV[4])
+return result
+"#
+);
+
+/// Settles an ambiguous write (a Write, WriteReserve or WriteBack): its recorded result if it
+/// happened, else records it as `cancelled` so that it never will. (A ReadReserve is settled by
+/// [`READ`] itself, which reads the key again.)
+/// KEYS: done. ARGV: done ttl ms. Returns what [`WRITE`] or [`WRITE_BACK`] returns.
 pub const RESOLVE: &str = r#"
 local prior = redis.call('GET', KEYS[1])
 if prior then return prior end
@@ -242,6 +356,13 @@ pub fn check_url(url: &str) -> Result<(), BadUrl> {
 pub enum WriteAnswer {
     /// Applied (now or, for a replayed id, earlier).
     Written(WriteResult),
+    /// A WriteReserve that took effect: the write's result and the reservation's base.
+    Reserved(WriteResult, Version),
+    /// A WriteBack that took effect: whether it wrote the value (false: refused for good).
+    WroteBack {
+        /// True if the value was written as its version.
+        applied: bool,
+    },
     /// Refused: the fence holds a newer epoch.
     Stale(Epoch),
     /// The id was cancelled by a resolution: the write did not and never will happen.
@@ -252,12 +373,13 @@ pub enum WriteAnswer {
     Expired,
 }
 
-/// Decodes [`WRITE`]'s and [`RESOLVE`]'s answer.
+/// Decodes [`WRITE`]'s, [`WRITE_BACK`]'s and [`RESOLVE`]'s answer.
 pub fn decode_write(s: &str) -> Result<WriteAnswer, String> {
+    let malformed = || format!("malformed write answer {s:?}");
     if let Some(first) = s.strip_prefix("duplicate ") {
         return match decode_write(first)? {
             WriteAnswer::Written(w) => Ok(WriteAnswer::Duplicate(w)),
-            _ => Err(format!("malformed write answer {s:?}")),
+            _ => Err(malformed()),
         };
     }
     let mut parts = s.split(' ');
@@ -273,29 +395,55 @@ pub fn decode_write(s: &str) -> Result<WriteAnswer, String> {
                         existed: e == "1",
                     })
                 }
-                _ => return Err(format!("malformed write answer {s:?}")),
+                _ => return Err(malformed()),
             }
         }
         Some("mismatch") => match number(parts.next()) {
             Some(current) => WriteAnswer::Written(WriteResult::Mismatch { current }),
-            None => return Err(format!("malformed write answer {s:?}")),
+            None => return Err(malformed()),
         },
         Some("stale") => match number(parts.next()) {
             Some(e) => WriteAnswer::Stale(e),
-            None => return Err(format!("malformed write answer {s:?}")),
+            None => return Err(malformed()),
         },
+        Some("wrote_back") => WriteAnswer::WroteBack { applied: true },
+        Some("refused") => WriteAnswer::WroteBack { applied: false },
         Some("cancelled") => WriteAnswer::Cancelled,
         Some("expired") => WriteAnswer::Expired,
         _ => return Err(format!("unexpected write answer {s:?}")),
     };
+    // A WriteReserve's result ends with its base.
+    let answer = match (answer, parts.next()) {
+        (WriteAnswer::Written(w), Some("base")) => match number(parts.next()) {
+            Some(base) => WriteAnswer::Reserved(w, base),
+            None => return Err(malformed()),
+        },
+        (answer, None) => answer,
+        _ => return Err(malformed()),
+    };
     if parts.next().is_some() {
-        return Err(format!("malformed write answer {s:?}"));
+        return Err(malformed());
     }
     Ok(answer)
 }
 
-/// Decodes [`READ`]'s answer: the stored value, or the newer epoch that refused the read.
-pub fn decode_read(v: Value) -> Result<Result<Stored, Epoch>, String> {
+/// [`READ`]'s answer, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// The key as stored; for a ReadReserve, with the reservation's base.
+    Read(Stored, Option<Version>),
+    /// Refused: the fence holds a newer epoch.
+    Stale(Epoch),
+    /// A ReadReserve whose id was cancelled by a resolution: it did not and never will happen.
+    Cancelled,
+    /// A replayed or resolved ReadReserve whose key has since been written past its
+    /// reservation, or reserved again: the reservation has no effect left, so it is answered as
+    /// not done.
+    Moved,
+}
+
+/// Decodes [`READ`]'s answer.
+pub fn decode_read(v: Value) -> Result<ReadAnswer, String> {
     let malformed = |v: &dyn std::fmt::Debug| format!("malformed read answer {v:?}");
     let Value::Array(items) = v else {
         return Err(malformed(&v));
@@ -304,10 +452,12 @@ pub fn decode_read(v: Value) -> Result<Result<Stored, Epoch>, String> {
     let num = |v: &Value| text(v).and_then(|s| s.parse::<i64>().ok());
     match items.first().and_then(text).as_deref() {
         Some("stale") => match items.get(1).and_then(num) {
-            Some(e) if e >= 0 => Ok(Err(e as u64)),
+            Some(e) if e >= 0 => Ok(ReadAnswer::Stale(e as u64)),
             _ => Err(malformed(&items)),
         },
-        Some("ok") if items.len() == 4 => {
+        Some("cancelled") if items.len() == 1 => Ok(ReadAnswer::Cancelled),
+        Some("moved") if items.len() == 1 => Ok(ReadAnswer::Moved),
+        Some("ok") if items.len() == 4 || items.len() == 5 => {
             let (Some(version), Some(ttl)) = (num(&items[1]), num(&items[2])) else {
                 return Err(malformed(&items));
             };
@@ -317,11 +467,17 @@ pub fn decode_read(v: Value) -> Result<Result<Stored, Epoch>, String> {
                 Value::String(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
                 other => return Err(malformed(other)),
             };
-            Ok(Ok(Stored {
+            let base = match items.get(4).map(num) {
+                None => None,
+                Some(Some(base)) if base >= 0 => Some(base as u64),
+                Some(_) => return Err(malformed(&items)),
+            };
+            let stored = Stored {
                 version: version.max(0) as u64,
                 ttl_left_ms: value.as_ref().and((ttl >= 0).then_some(ttl as u64)),
                 value,
-            }))
+            };
+            Ok(ReadAnswer::Read(stored, base))
         }
         _ => Err(malformed(&items)),
     }
@@ -349,7 +505,19 @@ pub struct RedisMemory {
     writer: String,
     read: Script,
     write: Script,
+    write_back: Script,
     resolve: Script,
+}
+
+/// What a [`READ`] call does beyond reading.
+#[derive(Clone, Copy, Debug)]
+enum ReadMode {
+    /// A Read: nothing.
+    Plain,
+    /// ReadReserve `id`: reserves `block` versions.
+    Reserve { id: MemOpId, block: u64 },
+    /// Settles ReadReserve `id` whose outcome is unknown.
+    Resolve { id: MemOpId },
 }
 
 impl RedisMemory {
@@ -398,6 +566,7 @@ impl RedisMemory {
             writer: format!("{node}:{incarnation}"),
             read: Script::from_lua(READ),
             write: Script::from_lua(WRITE),
+            write_back: Script::from_lua(WRITE_BACK),
             resolve: Script::from_lua(RESOLVE),
         });
         // The task drives the connection until the client is dropped; its errors are
@@ -444,58 +613,152 @@ impl RedisMemory {
         format!("{}done:{}:{epoch}:{id}", self.prefix, self.writer)
     }
 
-    /// Runs a request. `None` means the outcome of a write could not be learnt before
-    /// `still_wanted` turned false (the directory that asked is gone): it goes unanswered.
+    /// Runs a request. `None` means the outcome of a request that changes memory (anything but
+    /// a plain read) could not be learnt before `still_wanted` turned false (the directory that
+    /// asked is gone): it goes unanswered.
     pub async fn run(
         &self,
         req: &MemoryRequest,
         still_wanted: impl Fn() -> bool,
     ) -> Option<Result<MemoryReply, MemoryError>> {
         let unavailable = |why: String| Some(Err(MemoryError::Unavailable(why)));
-        match &req.op {
-            MemoryOp::ReadReserve { .. }
-            | MemoryOp::WriteReserve { .. }
-            | MemoryOp::WriteBack { .. } => {
-                unavailable(super::raft_memory::WRITE_BACK_UNSUPPORTED.into())
+        let (epoch, id) = (req.epoch, req.id);
+        let done = self.done_key(epoch, id);
+        let sent = match &req.op {
+            MemoryOp::Read { key } => {
+                return match self.read_key(epoch, key, ReadMode::Plain).await {
+                    // A read changes nothing but the fence, so any failure is a plain refusal.
+                    Err(CallError::NotSent(why) | CallError::Unknown(why)) => unavailable(why),
+                    Ok(answer) => Some(self.read_reply(req, Ok(answer))),
+                };
             }
-            MemoryOp::Read { key } => match self.read_key(req.epoch, key).await {
-                // A read changes nothing but the fence, so any failure is a plain refusal.
-                Err(CallError::NotSent(why) | CallError::Unknown(why)) => unavailable(why),
-                Ok(Ok(stored)) => Some(Ok(MemoryReply::Read(stored))),
-                Ok(Err(newer)) => unavailable(self.stale(req.epoch, newer)),
-            },
-            MemoryOp::Write { key, write } => {
-                let done = self.done_key(req.epoch, req.id);
-                let answer = match self.write_key(req.epoch, key, write, &done).await {
-                    Ok(answer) => answer,
+            MemoryOp::ReadReserve { key, block } => {
+                let mode = ReadMode::Reserve { id, block: *block };
+                let answer = match self.read_key(epoch, key, mode).await {
+                    Ok(answer) => Ok(answer),
                     Err(CallError::NotSent(why)) => return unavailable(why),
                     Err(CallError::Unknown(why)) => {
-                        tracing::warn!(key, why, "cache write outcome unknown; resolving it");
-                        match self.settle(req.epoch, req.id, still_wanted).await {
-                            Some(answer) => answer,
-                            None => return None,
-                        }
+                        tracing::warn!(
+                            key,
+                            why,
+                            "cache read-reserve outcome unknown; resolving it"
+                        );
+                        self.settle_read_reserve(epoch, id, key, still_wanted)
+                            .await?
                     }
                 };
-                Some(match answer {
-                    Ok(WriteAnswer::Written(w)) => Ok(MemoryReply::Written(w)),
-                    Ok(WriteAnswer::Duplicate(w)) => Ok(MemoryReply::Duplicate(w)),
-                    Ok(WriteAnswer::Expired) => Err(MemoryError::Expired(format!(
-                        "the write's request header is older than redis at {} remembers for its \
-                         client; it was not applied now (use a new sequence number)",
-                        self.url
-                    ))),
-                    Ok(WriteAnswer::Stale(newer)) => {
-                        Err(MemoryError::Unavailable(self.stale(req.epoch, newer)))
-                    }
-                    Ok(WriteAnswer::Cancelled) => Err(MemoryError::Unavailable(format!(
-                        "redis at {} did not confirm the write in time; it was cancelled",
-                        self.url
-                    ))),
-                    Err(why) => Err(MemoryError::Unavailable(why)),
-                })
+                return Some(self.read_reply(req, answer));
             }
+            MemoryOp::Write { key, write } => self.write_key(epoch, key, write, None, &done).await,
+            MemoryOp::WriteReserve { key, write, block } => {
+                self.write_key(epoch, key, write, Some(*block), &done).await
+            }
+            MemoryOp::WriteBack {
+                key,
+                version,
+                value,
+            } => {
+                let keys = vec![self.key(key), format!("{}epoch", self.prefix), done];
+                let args = vec![
+                    Value::from(epoch as i64),
+                    Value::from(version.to_string()),
+                    Value::Bytes(value.clone()),
+                    Value::from(DONE_TTL.as_millis() as i64),
+                ];
+                self.call(&self.write_back, keys, args)
+                    .await
+                    .map(|v| self.write_answer(v))
+            }
+        };
+        let answer = match sent {
+            Ok(answer) => answer,
+            Err(CallError::NotSent(why)) => return unavailable(why),
+            Err(CallError::Unknown(why)) => {
+                tracing::warn!(why, "cache write outcome unknown; resolving it");
+                self.settle(epoch, id, still_wanted).await?
+            }
+        };
+        Some(self.write_reply(req, answer))
+    }
+
+    /// Memory's answer to a Read or ReadReserve `req` from [`READ`]'s decoded answer.
+    fn read_reply(
+        &self,
+        req: &MemoryRequest,
+        answer: Result<ReadAnswer, String>,
+    ) -> Result<MemoryReply, MemoryError> {
+        let unavailable = |why: String| Err(MemoryError::Unavailable(why));
+        match (answer, &req.op) {
+            (Ok(ReadAnswer::Read(stored, None)), MemoryOp::Read { .. }) => {
+                Ok(MemoryReply::Read(stored))
+            }
+            (Ok(ReadAnswer::Read(stored, Some(base))), MemoryOp::ReadReserve { .. }) => {
+                Ok(MemoryReply::ReadReserved(stored, base))
+            }
+            (Ok(ReadAnswer::Stale(newer)), _) => unavailable(self.stale(req.epoch, newer)),
+            (Ok(ReadAnswer::Cancelled), _) => unavailable(format!(
+                "redis at {} did not confirm the read-reserve in time; it was cancelled",
+                self.url
+            )),
+            (Ok(ReadAnswer::Moved), _) => unavailable(format!(
+                "redis at {} did not confirm the read-reserve in time, and the key has been \
+                 written past its reservation or reserved again since",
+                self.url
+            )),
+            (Ok(other), op) => unavailable(self.unexpected(&other, op)),
+            (Err(why), _) => unavailable(why),
         }
+    }
+
+    /// Memory's answer to a Write, WriteReserve or WriteBack `req` from the decoded answer of
+    /// [`WRITE`], [`WRITE_BACK`] or [`RESOLVE`].
+    fn write_reply(
+        &self,
+        req: &MemoryRequest,
+        answer: Result<WriteAnswer, String>,
+    ) -> Result<MemoryReply, MemoryError> {
+        let unavailable = |why: String| Err(MemoryError::Unavailable(why));
+        match (answer, &req.op) {
+            (Ok(WriteAnswer::Written(w)), MemoryOp::Write { .. }) => Ok(MemoryReply::Written(w)),
+            (Ok(WriteAnswer::Reserved(w, base)), MemoryOp::WriteReserve { .. }) => {
+                Ok(MemoryReply::WrittenReserved(w, base))
+            }
+            (Ok(WriteAnswer::WroteBack { applied }), MemoryOp::WriteBack { .. }) => {
+                Ok(MemoryReply::WrittenBack { applied })
+            }
+            (
+                Ok(WriteAnswer::Duplicate(w)),
+                MemoryOp::Write { .. } | MemoryOp::WriteReserve { .. },
+            ) => Ok(MemoryReply::Duplicate(w)),
+            (Ok(WriteAnswer::Expired), _) => Err(MemoryError::Expired(format!(
+                "the write's request header is older than redis at {} remembers for its \
+                 client; it was not applied now (use a new sequence number)",
+                self.url
+            ))),
+            (Ok(WriteAnswer::Stale(newer)), _) => unavailable(self.stale(req.epoch, newer)),
+            (Ok(WriteAnswer::Cancelled), _) => unavailable(format!(
+                "redis at {} did not confirm the write in time; it was cancelled",
+                self.url
+            )),
+            (Ok(other), op) => unavailable(self.unexpected(&other, op)),
+            (Err(why), _) => unavailable(why),
+        }
+    }
+
+    /// An answer of the wrong kind for its request (the scripts never give one: a request's id
+    /// is its own).
+    fn unexpected(&self, answer: &dyn std::fmt::Debug, op: &MemoryOp) -> String {
+        let kind = match op {
+            MemoryOp::Read { .. } => "read",
+            MemoryOp::ReadReserve { .. } => "read-reserve",
+            MemoryOp::Write { .. } => "write",
+            MemoryOp::WriteReserve { .. } => "write-reserve",
+            MemoryOp::WriteBack { .. } => "write-back",
+        };
+        format!(
+            "unexpected answer {answer:?} from redis at {} to a {kind}",
+            self.url
+        )
     }
 
     fn stale(&self, epoch: Epoch, newer: Epoch) -> String {
@@ -506,9 +769,10 @@ impl RedisMemory {
         )
     }
 
-    /// Settles write `id` of `epoch` whose outcome is unknown: runs [`RESOLVE`] until Redis
-    /// answers, while the answer is still wanted (`None` once it is not). Afterwards the write
-    /// either happened (its result) or never will ([`WriteAnswer::Cancelled`]).
+    /// Settles write `id` of `epoch` (a Write, WriteReserve or WriteBack) whose outcome is
+    /// unknown: runs [`RESOLVE`] until Redis answers, while the answer is still wanted (`None`
+    /// once it is not). Afterwards the write either happened (its result) or never will
+    /// ([`WriteAnswer::Cancelled`]).
     pub async fn settle(
         &self,
         epoch: Epoch,
@@ -516,20 +780,32 @@ impl RedisMemory {
         still_wanted: impl Fn() -> bool,
     ) -> Option<Result<WriteAnswer, String>> {
         let done = self.done_key(epoch, id);
-        let done = done.as_str();
-        let mut pause = RESOLVE_MIN;
-        while still_wanted() {
-            let args = vec![Value::from(DONE_TTL.as_millis() as i64)];
-            match self.call(&self.resolve, vec![done.to_string()], args).await {
-                Ok(v) => return Some(self.write_answer(v)),
-                Err(CallError::NotSent(why) | CallError::Unknown(why)) => {
-                    tracing::debug!(why, "cache write resolution failed; retrying");
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RESOLVE_MAX);
-        }
-        None
+        let args = || vec![Value::from(DONE_TTL.as_millis() as i64)];
+        let v = until_answered(still_wanted, || {
+            self.call(&self.resolve, vec![done.clone()], args())
+        })
+        .await?;
+        Some(self.write_answer(v))
+    }
+
+    /// Settles ReadReserve `id` of `epoch` on `key` whose outcome is unknown, as [`settle`]
+    /// does for a write but with [`READ`] in its `resolve` mode: the key read again with the
+    /// reservation's base if it happened (or [`ReadAnswer::Moved`]), else
+    /// [`ReadAnswer::Cancelled`].
+    ///
+    /// [`settle`]: RedisMemory::settle
+    pub async fn settle_read_reserve(
+        &self,
+        epoch: Epoch,
+        id: MemOpId,
+        key: &str,
+        still_wanted: impl Fn() -> bool,
+    ) -> Option<Result<ReadAnswer, String>> {
+        until_answered(still_wanted, || {
+            self.read_key(epoch, key, ReadMode::Resolve { id })
+        })
+        .await
+        .map(Ok)
     }
 
     fn write_answer(&self, v: Value) -> Result<WriteAnswer, String> {
@@ -542,11 +818,30 @@ impl RedisMemory {
         }
     }
 
-    async fn read_key(&self, epoch: Epoch, key: &str) -> Result<Result<Stored, Epoch>, CallError> {
-        let keys = vec![self.key(key), format!("{}epoch", self.prefix)];
-        let v = self
-            .call(&self.read, keys, vec![Value::from(epoch as i64)])
-            .await?;
+    /// Runs [`READ`] in `mode`. An answer that does not decode counts as unknown: for a
+    /// ReadReserve it is then resolved.
+    async fn read_key(
+        &self,
+        epoch: Epoch,
+        key: &str,
+        mode: ReadMode,
+    ) -> Result<ReadAnswer, CallError> {
+        let mut keys = vec![self.key(key), format!("{}epoch", self.prefix)];
+        let mut args = vec![Value::from(epoch as i64)];
+        let (id, block, resolve) = match mode {
+            ReadMode::Plain => (None, 0, ""),
+            ReadMode::Reserve { id, block } => (Some(id), block, ""),
+            ReadMode::Resolve { id } => (Some(id), 0, "resolve"),
+        };
+        if let Some(id) = id {
+            keys.push(self.done_key(epoch, id));
+            args.extend([
+                Value::from(block.to_string()),
+                Value::from(DONE_TTL.as_millis() as i64),
+                Value::from(resolve),
+            ]);
+        }
+        let v = self.call(&self.read, keys, args).await?;
         decode_read(v).map_err(CallError::Unknown)
     }
 
@@ -555,6 +850,7 @@ impl RedisMemory {
         epoch: Epoch,
         key: &str,
         write: &Write,
+        block: Option<u64>,
         done: &str,
     ) -> Result<Result<WriteAnswer, String>, CallError> {
         let keys = vec![
@@ -591,6 +887,7 @@ impl RedisMemory {
                 .map_or(Value::from(""), |t| Value::from(t.sequence.to_string())),
             Value::from(write.tag.map_or(0, |t| t.lowest_unacked).to_string()),
             Value::from(CLIENT_RESULTS as i64),
+            block.map_or(Value::from(""), |b| Value::from(b.to_string())),
         ];
         let v = self.call(&self.write, keys, args).await?;
         Ok(self.write_answer(v))
@@ -629,6 +926,26 @@ impl RedisMemory {
             other => other.map_err(unknown),
         }
     }
+}
+
+/// Runs `attempt` until Redis answers it, with backoff, while the answer is still wanted
+/// (`None` once it is not): how an ambiguous request is settled.
+async fn until_answered<T, F: Future<Output = Result<T, CallError>>>(
+    still_wanted: impl Fn() -> bool,
+    attempt: impl Fn() -> F,
+) -> Option<T> {
+    let mut pause = RESOLVE_MIN;
+    while still_wanted() {
+        match attempt().await {
+            Ok(answer) => return Some(answer),
+            Err(CallError::NotSent(why) | CallError::Unknown(why)) => {
+                tracing::debug!(why, "cache memory resolution failed; retrying");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RESOLVE_MAX);
+    }
+    None
 }
 
 /// Bounds a command by [`COMMAND_TIMEOUT`] on top of the client's own timeout, in case a
@@ -721,9 +1038,55 @@ mod tests {
     }
 
     #[test]
-    fn read_answers_decode_values_tombstones_and_ttls() {
+    fn write_back_and_reservation_answers_decode() {
+        assert_eq!(
+            decode_write("applied 7 1 base 7"),
+            Ok(WriteAnswer::Reserved(
+                WriteResult::Applied {
+                    version: 7,
+                    existed: true
+                },
+                7
+            ))
+        );
+        assert_eq!(
+            decode_write("mismatch 3 base 9"),
+            Ok(WriteAnswer::Reserved(
+                WriteResult::Mismatch { current: 3 },
+                9
+            ))
+        );
+        assert_eq!(
+            decode_write("wrote_back"),
+            Ok(WriteAnswer::WroteBack { applied: true })
+        );
+        assert_eq!(
+            decode_write("refused"),
+            Ok(WriteAnswer::WroteBack { applied: false })
+        );
+        for bad in [
+            "applied 7 1 base",
+            "applied 7 1 base x",
+            "applied 7 1 base 7 8",
+            "applied 7 1 limit 7",
+            "duplicate applied 7 1 base 7",
+            "stale 3 base 4",
+            "refused 1",
+            "wrote_back base 3",
+        ] {
+            assert!(decode_write(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn read_answers_decode_values_tombstones_ttls_and_bases() {
         let arr = |v: Vec<Value>| Value::Array(v);
         let s = |s: &str| Value::from(s);
+        let stored = Stored {
+            version: 4,
+            value: Some(Bytes::from("v")),
+            ttl_left_ms: Some(250),
+        };
         assert_eq!(
             decode_read(arr(vec![
                 s("ok"),
@@ -731,22 +1094,41 @@ mod tests {
                 s("250"),
                 Value::Bytes("v".into())
             ])),
-            Ok(Ok(Stored {
-                version: 4,
-                value: Some(Bytes::from("v")),
-                ttl_left_ms: Some(250)
-            }))
+            Ok(ReadAnswer::Read(stored.clone(), None))
+        );
+        assert_eq!(
+            decode_read(arr(vec![
+                s("ok"),
+                s("4"),
+                s("250"),
+                Value::Bytes("v".into()),
+                s("12")
+            ])),
+            Ok(ReadAnswer::Read(stored, Some(12)))
         );
         assert_eq!(
             decode_read(arr(vec![s("ok"), s("5"), s("-1"), Value::Null])),
-            Ok(Ok(Stored {
-                version: 5,
-                value: None,
-                ttl_left_ms: None
-            }))
+            Ok(ReadAnswer::Read(
+                Stored {
+                    version: 5,
+                    value: None,
+                    ttl_left_ms: None
+                },
+                None
+            ))
         );
-        assert_eq!(decode_read(arr(vec![s("stale"), s("3")])), Ok(Err(3)));
+        assert_eq!(
+            decode_read(arr(vec![s("stale"), s("3")])),
+            Ok(ReadAnswer::Stale(3))
+        );
+        assert_eq!(
+            decode_read(arr(vec![s("cancelled")])),
+            Ok(ReadAnswer::Cancelled)
+        );
+        assert_eq!(decode_read(arr(vec![s("moved")])), Ok(ReadAnswer::Moved));
         assert!(decode_read(s("ok")).is_err());
         assert!(decode_read(arr(vec![s("ok"), s("x"), s("-1"), Value::Null])).is_err());
+        assert!(decode_read(arr(vec![s("ok"), s("1"), s("-1"), Value::Null, s("x")])).is_err());
+        assert!(decode_read(arr(vec![s("moved"), s("1")])).is_err());
     }
 }
