@@ -1,5 +1,5 @@
 //! The cache's write-back mode (`--cache-write-mode write-back`) on real processes, with the
-//! replicated state machine as memory:
+//! replicated state machine as memory unless said otherwise:
 //! - a header-less Set on a node holding the key Modified is answered by that node alone (the
 //!   line dirty, memory still at the previous version), and a read on another node recalls it
 //!   and reads the local write, value and version;
@@ -7,7 +7,8 @@
 //!   it, so another node reads it);
 //! - SIGKILL of the dirty holder loses its unflushed writes and nothing flushed, and the key's
 //!   next version is above every version it gave (never reused);
-//! - a write-through cluster (the default) writes nothing locally.
+//! - a write-through cluster (the default) writes nothing locally;
+//! - the local write and its recall over Redis as memory (`--cache-backend redis://…`).
 //!
 //! The test clients send no `RequestHeader` (the SDK tags every write, and a tagged write is
 //! never served locally; see docs/cache.md, "Retried writes"). Memory's version of a key is
@@ -18,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use sync_tests::api::{self, MesiState};
 use sync_tests::cache::{first_set, get, mesi, request, set, state};
+use sync_tests::redis::RedisServer;
 use sync_tests::wait::eventually;
 use sync_tests::{Cluster, Options, scenario};
 
@@ -314,6 +316,18 @@ async fn a_write_through_cluster_writes_nothing_locally() {
         let g = get(c, reader, "t").await?;
         ensure!(g.value == "two" && g.version == v2, "{g:?}");
         Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_redis_a_local_write_is_answered_by_its_node_and_a_read_elsewhere_recalls_it() {
+    let redis = RedisServer::start().await.expect("redis-server");
+    let backend = format!("--cache-backend={}", redis.url());
+    // Memory's version (State on the leader) is read from Redis here.
+    let options = write_back("60s", &[&backend]);
+    scenario(3, options, Duration::from_secs(120), async |c| {
+        local_write_then_recall(c).await
     })
     .await;
 }
