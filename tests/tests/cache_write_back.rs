@@ -8,6 +8,8 @@
 //! - SIGKILL of the dirty holder loses its unflushed writes and nothing flushed, and the key's
 //!   next version is above every version it gave (never reused);
 //! - a write-through cluster (the default) writes nothing locally;
+//! - writers and readers on every node (the shared workload of `tests/tests/cache.rs`): no
+//!   stale read, no read going back, no phantom value, with local writes among the writes;
 //! - the local write and its recall over Redis as memory (`--cache-backend redis://…`).
 //!
 //! The test clients send no `RequestHeader` (the SDK tags every write, and a tagged write is
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use sync_tests::api::{self, MesiState};
-use sync_tests::cache::{first_set, get, mesi, request, set, state};
+use sync_tests::cache::{concurrent_workload, first_set, get, mesi, request, set, state};
 use sync_tests::redis::RedisServer;
 use sync_tests::wait::eventually;
 use sync_tests::{Cluster, Options, scenario};
@@ -328,6 +330,23 @@ async fn over_redis_a_local_write_is_answered_by_its_node_and_a_read_elsewhere_r
     let options = write_back("60s", &[&backend]);
     scenario(3, options, Duration::from_secs(120), async |c| {
         local_write_then_recall(c).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_in_write_back_mode_and_no_reader_sees_a_stale_value() {
+    // The shared workload (writers and readers on every node, no crash, so nothing may be
+    // lost): every completed write, local or not, must be visible to every later read.
+    let options = write_back("200ms", &[]);
+    scenario(3, options, Duration::from_secs(120), async |c| {
+        concurrent_workload(c, false).await?;
+        let mut local = 0;
+        for id in c.ids() {
+            local += stats(c, id).await?.local_writes;
+        }
+        ensure!(local > 0, "the workload made no local write");
+        Ok(())
     })
     .await;
 }
