@@ -95,6 +95,17 @@ async fn write_locally(c: &Cluster, writer: u64, key: &str) -> anyhow::Result<(u
         st.local_writes == local_before + 1 && st.dirty_lines >= 1,
         "the writer's stats after one local write: {st:?}"
     );
+    // The gauge follows within a tick.
+    eventually(
+        "the dirty lines gauge counts the line",
+        Duration::from_secs(5),
+        async || {
+            let dirty = series(c, writer, "syncd_cache_dirty_lines").await?;
+            ensure!(dirty >= 1.0, "syncd_cache_dirty_lines = {dirty}");
+            Ok(())
+        },
+    )
+    .await?;
     Ok((v1, v2))
 }
 
