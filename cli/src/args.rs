@@ -1196,7 +1196,8 @@ Examples:
   syncctl cache del k1 --output json")]
     Del(CacheKeyArgs),
 
-    /// Show a key's coherence state: the node's line (MESI state, version, lease left) and the
+    /// Show a key's coherence state: the node's line (MESI state, version, lease left, and
+    /// whether it is dirty: written there and not yet in memory, write-back mode only) and the
     /// directory's holders.
     #[command(after_help = "\
 Examples:

@@ -113,6 +113,10 @@ async fn the_original_scenario_node_by_node_with_mesi_states() {
             "{s2}"
         );
         ensure!(s2["directory_node_id"] == leader.id, "{s2}");
+        ensure!(
+            s2["dirty"] == false,
+            "write-through lines are never dirty: {s2}"
+        );
         ensure!(s2["directory_version"] == v1, "{s2}");
         let all_three = vec![
             (1, "SHARED".to_owned()),
@@ -156,6 +160,9 @@ async fn the_original_scenario_node_by_node_with_mesi_states() {
             "bytes",
             "entries",
             "capacity_bytes",
+            "local_writes",
+            "dirty_lines",
+            "dirty_lines_lost",
         ] {
             ensure!(on_leader[field].is_u64(), "no {field}: {on_leader}");
         }

@@ -83,6 +83,15 @@ fn record_one_of_everything() {
     record::queue_messages("acked", 9);
     record::cache_memory("raft", "write", "ok", Duration::from_millis(3));
     record::cache_memory("redis", "read", "refused", Duration::from_micros(300));
+    record::cache_dirty_lines(2);
+    record::cache_local_writes(5);
+    record::cache_write_back(record::WriteBackOutcome::Written, Duration::from_millis(4));
+    record::cache_write_back(
+        record::WriteBackOutcome::NotHolder,
+        Duration::from_millis(9),
+    );
+    record::cache_write_back_losses("dirty_dropped", 1);
+    record::cache_write_back_losses("given_up", 1);
     // The gRPC families are recorded by the middleware; record one request by hand.
     ::metrics::counter!(
         names::GRPC_SERVER_REQUESTS,

@@ -205,6 +205,8 @@ struct State {
     state: &'static str,
     version: u64,
     lease_remaining_ms: u64,
+    /// Write-back mode: the node holds writes of the key memory does not have yet.
+    dirty: bool,
     directory_node_id: u64,
     directory_version: u64,
     holders: Vec<Holder>,
@@ -231,6 +233,7 @@ async fn state(client: &Client, output: Output, args: &CacheKeyArgs) -> anyhow::
         state: mesi(line.state),
         version: line.version,
         lease_remaining_ms: line.lease_remaining_ms,
+        dirty: line.dirty,
         directory_node_id: line.directory_node_id,
         directory_version: line.directory_version,
         holders: holders(&line.holders),
@@ -253,7 +256,7 @@ async fn state(client: &Client, output: Output, args: &CacheKeyArgs) -> anyhow::
         Output::Json => print_json(&shown),
         Output::Table => {
             let mut t = table(
-                &["node", "state", "version", "lease left"],
+                &["node", "state", "version", "lease left", "dirty"],
                 &["node", "version"],
             );
             t.add_row(vec![
@@ -265,6 +268,8 @@ async fn state(client: &Client, output: Output, args: &CacheKeyArgs) -> anyhow::
                     0 => "-".to_owned(),
                     ms => millis(ms),
                 },
+                // "yes": written here and not yet in memory (write-back mode).
+                if shown.dirty { "yes" } else { "no" }.to_owned(),
             ]);
             println!("{t}");
             println!();
@@ -300,7 +305,7 @@ async fn directory_view(
 }
 
 fn print_stats(output: Output, s: &sync_client::api::CacheStatsResponse) -> anyhow::Result<()> {
-    let rows: [(&str, u64); 10] = [
+    let rows: [(&str, u64); 13] = [
         ("node_id", s.node_id),
         ("hits", s.hits),
         ("misses", s.misses),
@@ -311,6 +316,9 @@ fn print_stats(output: Output, s: &sync_client::api::CacheStatsResponse) -> anyh
         ("bytes", s.bytes),
         ("entries", s.entries),
         ("capacity_bytes", s.capacity_bytes),
+        ("local_writes", s.local_writes),
+        ("dirty_lines", s.dirty_lines),
+        ("dirty_lines_lost", s.dirty_lines_lost),
     ];
     match output {
         Output::Json => {

@@ -304,6 +304,7 @@ impl api::cache_server::Cache for CacheService {
                     state: mesi(h.state) as i32,
                 })
                 .collect(),
+            dirty: line.dirty,
         }))
     }
 
@@ -318,11 +319,14 @@ impl api::cache_server::Cache for CacheService {
             misses: s.node.misses,
             invalidations_sent: s.invalidations_sent,
             invalidations_received: s.node.invalidations_received,
-            write_backs: 0,
+            write_backs: s.node.write_backs,
             evictions: s.node.evictions,
             bytes: s.bytes,
             entries: s.entries as u64,
             capacity_bytes: self.cache.cfg.capacity_bytes,
+            local_writes: s.node.local_writes,
+            dirty_lines: s.dirty_lines as u64,
+            dirty_lines_lost: s.node.dirty_lost,
         }))
     }
 

@@ -184,6 +184,20 @@ pub struct WriteBackConfig {
     pub block: u64,
 }
 
+impl WriteBackConfig {
+    /// The runtime's default flush interval (`--cache-flush-interval`): a dirty line is written
+    /// back 100 ms after its first unflushed write, so a crash loses at most about 200 ms of a
+    /// key's writes, while a key written thousands of times a second still costs memory about
+    /// ten writes a second instead of thousands.
+    pub const DEFAULT_FLUSH_MS: u64 = 200;
+
+    /// The runtime's reservation block (not a flag): 1,024 versions per exclusive grant. A
+    /// holder that uses them up writes through the directory once and gets a new block, so at
+    /// this size that costs one round trip per 1,024 local writes. Versions are 64-bit, so the
+    /// unused rest of a block (skipped when the line is recalled) costs nothing that runs out.
+    pub const DEFAULT_BLOCK: u64 = 1_024;
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {

@@ -174,6 +174,10 @@ pub struct LineView {
     pub version: Version,
     /// Milliseconds of lease left.
     pub lease_remaining_ms: u64,
+    /// Write-back mode: the node holds a line of the key with writes memory does not have yet
+    /// (servable or not: a dirty line outside its lease is still written back if the
+    /// directory takes it, or lost). Always false in write-through mode.
+    pub dirty: bool,
 }
 
 /// A fill or write waiting for the directory's answer.
@@ -403,12 +407,8 @@ impl CacheNode {
         if !self.lines.over_capacity() {
             return;
         }
-        let dirty: Vec<String> = self
-            .lines
-            .iter()
-            .filter(|(_, l)| l.is_dirty())
-            .map(|(k, _)| k.clone())
-            .collect();
+        // In key order, as the scan this replaced, so simulator seeds replay unchanged.
+        let dirty: BTreeSet<String> = self.lines.dirty_keys().cloned().collect();
         for key in dirty {
             if self.evict_when_clean.insert(key.clone()) {
                 self.stats.eviction_write_backs += 1;
@@ -657,17 +657,21 @@ impl CacheNode {
             );
             self.done(p.op, Err(CacheError::Unavailable(why)));
         }
-        let due: Vec<String> = self
-            .lines
-            .iter()
-            .filter(|(k, l)| {
-                l.dirty_since
-                    .is_some_and(|t| now >= t.saturating_add(flush_ms / 2))
-                    || (l.is_dirty()
-                        && (self.parked.contains_key(*k) || self.evict_when_clean.contains(*k)))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        // From the store's dirty index, not a scan of every line: the lines dirty for half a
+        // flush interval, and the (few) keys a write or an eviction waits on. A BTreeSet keeps
+        // the flushes in key order, as the scan this replaced sent them, so simulator seeds
+        // replay unchanged.
+        let mut due: BTreeSet<String> = match now.checked_sub(flush_ms / 2) {
+            Some(upto) => self.lines.dirty_since_upto(upto).cloned().collect(),
+            None => BTreeSet::new(),
+        };
+        let waited_on = self.parked.keys().chain(self.evict_when_clean.iter());
+        due.extend(
+            waited_on
+                .filter(|k| self.lines.peek(k).is_some_and(Line::is_dirty))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         for key in due {
             self.flush(now, &key);
         }
@@ -706,12 +710,18 @@ impl CacheNode {
             state: line.map_or(LineState::Invalid, |l| l.state),
             version: line.map_or(0, |l| l.version),
             lease_remaining_ms: self.lease.remaining(now),
+            dirty: self.lines.peek(key).is_some_and(Line::is_dirty),
         }
     }
 
     /// The lease's stamp (epoch and session).
     pub fn stamp(&self) -> Stamp {
         self.lease.stamp()
+    }
+
+    /// Number of dirty lines held now (write-back mode; always 0 in write-through mode).
+    pub fn dirty_lines(&self) -> usize {
+        self.lines.dirty_len()
     }
 
     /// Counters, plus the bytes and number of lines held now.

@@ -158,6 +158,31 @@ pub fn describe_all() {
         Unit::Seconds,
         "Time from a cache memory request's start to its answer."
     );
+    describe_gauge!(
+        CACHE_DIRTY_LINES,
+        Unit::Count,
+        "Cache lines holding writes memory does not have yet (write-back mode)."
+    );
+    describe_counter!(
+        CACHE_LOCAL_WRITES,
+        Unit::Count,
+        "Cache writes answered on this node's own line without memory (write-back mode)."
+    );
+    describe_counter!(
+        CACHE_WRITE_BACKS,
+        Unit::Count,
+        "Write-backs of dirty cache lines by outcome (written, not_holder, failed, unanswered)."
+    );
+    describe_histogram!(
+        CACHE_WRITE_BACK_DURATION,
+        Unit::Seconds,
+        "Time from sending a dirty line's write-back to memory holding it."
+    );
+    describe_counter!(
+        CACHE_WRITE_BACK_LOSSES,
+        Unit::Count,
+        "Unwritten cache writes lost, by event (dirty_dropped on the node, given_up by the directory)."
+    );
     describe_histogram!(
         LOCK_WAIT_DURATION,
         Unit::Seconds,

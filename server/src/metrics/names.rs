@@ -99,6 +99,26 @@ pub const CACHE_MEMORY_REQUESTS: &str = "syncd_cache_memory_requests_total";
 /// Histogram, labels `backend`, `op`: time from a memory request's start to its answer
 /// (including the resolution of an ambiguous Redis write).
 pub const CACHE_MEMORY_DURATION: &str = "syncd_cache_memory_duration_seconds";
+/// Gauge (write-back mode): lines of this member's cache holding writes memory does not have
+/// yet. Always 0 in write-through mode.
+pub const CACHE_DIRTY_LINES: &str = "syncd_cache_dirty_lines";
+/// Counter (write-back mode): writes this member answered on its own Exclusive or Modified
+/// line, without memory.
+pub const CACHE_LOCAL_WRITES: &str = "syncd_cache_local_writes_total";
+/// Counter (write-back mode), label `outcome` = `written` (memory holds it) | `not_holder` (the
+/// directory had given up on the line: its writes are lost) | `failed` (memory refused; tried
+/// again) | `unanswered` (no answer within the operation timeout; tried again): write-backs
+/// this member sent for its dirty lines (flushes, evictions, writes waiting for a clean line).
+pub const CACHE_WRITE_BACKS: &str = "syncd_cache_write_backs_total";
+/// Histogram (write-back mode): time from sending a write-back to the answer that memory holds
+/// it (the flush latency; `written` outcomes only).
+pub const CACHE_WRITE_BACK_DURATION: &str = "syncd_cache_write_back_duration_seconds";
+/// Counter (write-back mode), label `event` = `dirty_dropped` (this member dropped a dirty line
+/// unwritten: its lease, session or directory was lost, or the directory answered
+/// `not_holder`; each may hold several writes) | `given_up` (this member's directory went on
+/// without a node's exclusive line whose lease ran out: writes on it not written back, if
+/// any, are lost): the write-back losses of `docs/cache.md`, "The loss window".
+pub const CACHE_WRITE_BACK_LOSSES: &str = "syncd_cache_write_back_losses_total";
 
 /// Every name above, in the order they appear.
 pub const ALL: &[&str] = &[
@@ -129,4 +149,9 @@ pub const ALL: &[&str] = &[
     QUEUE_MESSAGES,
     CACHE_MEMORY_REQUESTS,
     CACHE_MEMORY_DURATION,
+    CACHE_DIRTY_LINES,
+    CACHE_LOCAL_WRITES,
+    CACHE_WRITE_BACKS,
+    CACHE_WRITE_BACK_DURATION,
+    CACHE_WRITE_BACK_LOSSES,
 ];

@@ -189,6 +189,50 @@ pub fn cache_memory(
     histogram!(names::CACHE_MEMORY_DURATION, "backend" => backend, "op" => op).record(elapsed);
 }
 
+/// Sets the number of dirty cache lines (see [`names::CACHE_DIRTY_LINES`]).
+pub fn cache_dirty_lines(lines: usize) {
+    gauge!(names::CACHE_DIRTY_LINES).set(lines as f64);
+}
+
+/// Counts `count` cache writes served locally (see [`names::CACHE_LOCAL_WRITES`]).
+pub fn cache_local_writes(count: u64) {
+    counter!(names::CACHE_LOCAL_WRITES).increment(count);
+}
+
+/// How a write-back of a dirty cache line ended (see [`names::CACHE_WRITE_BACKS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteBackOutcome {
+    /// Memory holds it.
+    Written,
+    /// The directory had given up on the line; its writes are lost.
+    NotHolder,
+    /// Memory refused it; the node tries again.
+    Failed,
+    /// No answer within the operation timeout; the node tries again.
+    Unanswered,
+}
+
+/// A write-back ended; `elapsed` (from sending it) is recorded as the flush latency when it
+/// was written.
+pub fn cache_write_back(outcome: WriteBackOutcome, elapsed: Duration) {
+    let label = match outcome {
+        WriteBackOutcome::Written => "written",
+        WriteBackOutcome::NotHolder => "not_holder",
+        WriteBackOutcome::Failed => "failed",
+        WriteBackOutcome::Unanswered => "unanswered",
+    };
+    counter!(names::CACHE_WRITE_BACKS, "outcome" => label).increment(1);
+    if outcome == WriteBackOutcome::Written {
+        histogram!(names::CACHE_WRITE_BACK_DURATION).record(elapsed);
+    }
+}
+
+/// Counts write-back losses (see [`names::CACHE_WRITE_BACK_LOSSES`]): `event` is
+/// `dirty_dropped` or `given_up`.
+pub fn cache_write_back_losses(event: &'static str, count: u64) {
+    counter!(names::CACHE_WRITE_BACK_LOSSES, "event" => event).increment(count);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

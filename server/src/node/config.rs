@@ -113,6 +113,21 @@ pub struct Flags {
     /// Every node of a cluster must name the same.
     #[arg(long, env = "SYNCD_CACHE_BACKEND")]
     pub cache_backend: Option<String>,
+    /// How the cache writes: `write-through` (default: a Set returns once memory holds the
+    /// value) or `write-back` (a Set without TTL or request header on a node holding the key
+    /// Exclusive or Modified is answered by that node and written to memory within
+    /// --cache-flush-interval; such writes are lost if the node crashes first). The leader's
+    /// directory decides whether exclusive lines may be written locally, so every node of a
+    /// cluster must name the same.
+    #[arg(long, env = "SYNCD_CACHE_WRITE_MODE", value_name = "MODE")]
+    pub cache_write_mode: Option<String>,
+    /// Write-back mode: the longest a locally written value waits before the node writes it
+    /// back to memory (default 200ms; at least 2ms). A key's line dirty this long takes no more
+    /// local writes until it is written back, so a crash loses at most this much of a key's
+    /// writes.
+    #[arg(long, env = "SYNCD_CACHE_FLUSH_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub cache_flush_interval: Option<Duration>,
     /// Serve gRPC over TLS with this certificate (PEM; the chain, leaf first). Peers are then
     /// reached over TLS too. Needs --key-file and --trusted-ca-file.
     #[arg(long, env = "SYNCD_CERT_FILE", value_name = "PATH")]
@@ -387,6 +402,8 @@ impl Flags {
             cache_capacity_bytes,
             cache_max_value_bytes,
             cache_backend,
+            cache_write_mode,
+            cache_flush_interval,
             cert_file,
             key_file,
             trusted_ca_file,
@@ -414,11 +431,39 @@ impl Flags {
             max_value_bytes: self
                 .cache_max_value_bytes
                 .unwrap_or(defaults.max_value_bytes),
+            write_back: self.cache_write_back()?,
             ..defaults
         };
         cfg.validate()
             .map_err(|e| ConfigError(format!("cache settings (--cache-*): {e}")))?;
         Ok(cfg)
+    }
+
+    /// Write-back mode's settings from `--cache-write-mode` and `--cache-flush-interval`
+    /// (`None`: write-through). The flush interval is checked even in write-through mode, so a
+    /// mistake in it shows at once rather than when the mode is switched.
+    fn cache_write_back(&self) -> Result<Option<crate::cache::WriteBackConfig>, ConfigError> {
+        use crate::cache::WriteBackConfig;
+        let flush_ms = match self.cache_flush_interval {
+            None => WriteBackConfig::DEFAULT_FLUSH_MS,
+            Some(d) if d < Duration::from_millis(2) => {
+                return err(format!(
+                    "--cache-flush-interval must be at least 2ms, not {}",
+                    humantime::format_duration(d)
+                ));
+            }
+            Some(d) => d.as_millis() as u64,
+        };
+        match self.cache_write_mode.as_deref() {
+            None | Some("write-through") => Ok(None),
+            Some("write-back") => Ok(Some(WriteBackConfig {
+                flush_ms,
+                block: WriteBackConfig::DEFAULT_BLOCK,
+            })),
+            Some(other) => err(format!(
+                "--cache-write-mode must be write-through or write-back, not {other:?}"
+            )),
+        }
     }
 
     /// Checks the flags against each other and against the data directory, creating the
@@ -701,6 +746,55 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_writes_through_by_default_or_back_with_a_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |mode: Option<&str>, flush: Option<Duration>| {
+            Flags {
+                cache_write_mode: mode.map(String::from),
+                cache_flush_interval: flush,
+                ..flags(dir.path(), 1, CLUSTER)
+            }
+            .resolve()
+            .map(|s| s.cache.write_back)
+        };
+        assert_eq!(mode(None, None).unwrap(), None);
+        assert_eq!(mode(Some("write-through"), None).unwrap(), None);
+        assert_eq!(
+            mode(Some("write-back"), None).unwrap(),
+            Some(crate::cache::WriteBackConfig {
+                flush_ms: 200,
+                block: 1_024
+            })
+        );
+        assert_eq!(
+            mode(Some("write-back"), Some(Duration::from_millis(50)))
+                .unwrap()
+                .map(|w| w.flush_ms),
+            Some(50)
+        );
+        let cases = [
+            (Some("writeback"), None, "--cache-write-mode must be"),
+            (Some("Write-Back"), None, "--cache-write-mode must be"),
+            (Some(""), None, "--cache-write-mode must be"),
+            (
+                Some("write-back"),
+                Some(Duration::from_millis(1)),
+                "--cache-flush-interval must be at least 2ms",
+            ),
+            (
+                None,
+                Some(Duration::ZERO),
+                "--cache-flush-interval must be at least 2ms",
+            ),
+        ];
+        for (m, flush, expected) in cases {
+            let e = mode(m, flush).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{m:?} {flush:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
     fn a_data_dir_of_another_node_or_cluster_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         flags(dir.path(), 1, CLUSTER).resolve().unwrap();
@@ -728,7 +822,8 @@ mod tests {
             &file,
             format!(
                 "id = 3\ninitial-cluster = \"{CLUSTER}\"\nelection-timeout = \"500ms\"\n\
-                 cache-backend = \"redis://127.0.0.1:6390\"\ndata-dir = \"{}\"\n",
+                 cache-backend = \"redis://127.0.0.1:6390\"\ncache-write-mode = \"write-back\"\n\
+                 cache-flush-interval = \"75ms\"\ndata-dir = \"{}\"\n",
                 dir.path().join("d").display()
             ),
         )
@@ -754,6 +849,7 @@ mod tests {
             s.queue_auto_create,
             "topics are auto-created unless switched off"
         );
+        assert_eq!(s.cache.write_back.map(|w| w.flush_ms), Some(75));
     }
 
     #[test]

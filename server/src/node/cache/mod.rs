@@ -14,6 +14,11 @@
 //!   Redis ([`redis_memory`]: one Lua script per request). Each request, like each leadership
 //!   check, is a future this task polls itself ([`Pending`]), not a task of its own;
 //! - answers client operations ([`CacheHandle`]) and publishes invalidations for Subscribe;
+//! - in write-back mode (`--cache-write-mode write-back`, `CacheConfig::write_back`), carries the
+//!   core's `WriteBack`s and `DirtyAck`s like any message, and keeps the write-back metrics:
+//!   it times each `WriteBack` from leaving to its `WriteBackDone` (outcome and flush latency),
+//!   counts the directory's `GaveUp`s, and turns the core's counters and dirty-line count into
+//!   metrics every tick. The core decides everything; the runtime only measures;
 //! - publishes the node's lines and lease in its read view ([`Hits`]) after every call into the
 //!   core and before carrying out that call's effects, so that a hit is served on the caller's
 //!   own task with no hop into this one (`cache::view` says why that is as safe as asking).
@@ -60,13 +65,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::cache::directory::{Holder, HomeEffect};
 use crate::cache::memory::{MemOpId, MemoryError, MemoryOp, MemoryReply, MemoryRequest};
-use crate::cache::message::{Envelope, ToHome, ToNode, Write, WriteResult};
+use crate::cache::message::{Envelope, ReqId, ToHome, ToNode, Write, WriteBackResult, WriteResult};
 use crate::cache::node::{
     Answer, InvalidationEvent, LineView, Lookup, NodeEffect, NodeStats, Read,
 };
 use crate::cache::view::ReadView;
 use crate::cache::{CacheConfig, CacheError, CacheNode, Directory, Epoch, NodeId, OpId};
-use crate::metrics::record;
+use crate::metrics::record::{self, WriteBackOutcome};
 use crate::node::NodeHandle;
 use crate::node::driver::NodeStatus;
 use crate::raft::Role;
@@ -103,6 +108,8 @@ pub struct CacheStats {
     pub bytes: u64,
     /// Lines held.
     pub entries: usize,
+    /// Lines holding writes memory does not have yet (write-back mode).
+    pub dirty_lines: usize,
     /// Invalidations sent by every directory this node has run.
     pub invalidations_sent: u64,
 }
@@ -326,6 +333,8 @@ pub fn spawn(node: NodeHandle, cfg: CacheConfig, backend: MemoryBackend) -> Cach
         node,
         backend: backend.clone(),
         live_epoch: Arc::new(AtomicU64::new(0)),
+        write_backs: HashMap::new(),
+        reported: NodeStats::default(),
     };
     tokio::spawn(runtime.run(rx, status));
     CacheHandle {
@@ -390,6 +399,13 @@ struct Runtime {
     /// The epoch of the directory running now (0: none). A Redis write whose outcome is being
     /// resolved stops trying once its directory is gone: no one would take the answer.
     live_epoch: Arc<AtomicU64>,
+    /// Write-back mode: this node's WriteBacks awaiting their answer, with when they were
+    /// sent, for the write-back metrics (outcome and flush latency). The core keeps its own
+    /// record; this one only measures, and forgets a request after the operation timeout
+    /// (counted `unanswered`) as the core does.
+    write_backs: HashMap<ReqId, Instant>,
+    /// The core's counters as last turned into metrics: metrics get the increments since.
+    reported: NodeStats,
 }
 
 impl Runtime {
@@ -415,6 +431,7 @@ impl Runtime {
                     if let Some(d) = &mut self.dir {
                         d.tick(now);
                     }
+                    self.record_metrics();
                 }
                 changed = status.changed() => {
                     if changed.is_err() {
@@ -553,6 +570,7 @@ impl Runtime {
                     node,
                     bytes,
                     entries,
+                    dirty_lines: self.cache.dirty_lines(),
                     invalidations_sent: self.past_invalidations_sent + current,
                 });
             }
@@ -564,7 +582,7 @@ impl Runtime {
                                 d.on_message(now, from, env);
                             }
                         }
-                        Decoded::ToNode(env) => self.cache.on_message(now, env),
+                        Decoded::ToNode(env) => self.deliver_to_node(now, env),
                     }
                 }
             }
@@ -615,7 +633,12 @@ impl Runtime {
             }
             for e in node_effects {
                 match e {
-                    NodeEffect::ToHome(env) => self.send_to_home(now, env),
+                    NodeEffect::ToHome(env) => {
+                        if let ToHome::WriteBack { req, .. } = &env.msg {
+                            self.write_backs.insert(*req, Instant::now());
+                        }
+                        self.send_to_home(now, env)
+                    }
                     NodeEffect::Done { op, result } => self.answer(op, result),
                     NodeEffect::Invalidated(ev) => {
                         let _ = self.events.send(ev);
@@ -632,8 +655,14 @@ impl Runtime {
                         }
                     }
                     HomeEffect::Memory(req) => self.run_memory(req),
-                    // Write-back mode only, which the runtime does not enable.
-                    HomeEffect::GaveUp { .. } => {}
+                    HomeEffect::GaveUp { node, key } => {
+                        tracing::debug!(
+                            node,
+                            key,
+                            "cache directory gave up on an exclusive line; its unwritten writes, if any, are lost"
+                        );
+                        record::cache_write_back_losses("given_up", 1);
+                    }
                 }
             }
         }
@@ -674,10 +703,50 @@ impl Runtime {
 
     fn send_to_node(&mut self, now: u64, to: NodeId, msg: Envelope<ToNode>) {
         if to == self.me {
-            self.cache.on_message(now, msg);
+            self.deliver_to_node(now, msg);
         } else if let Some(addr) = self.current.address_of(to) {
             self.peers.send(addr, wire::encode_to_node(msg));
         }
+    }
+
+    /// Hands a directory message to this node's core, measuring a WriteBack's answer first.
+    fn deliver_to_node(&mut self, now: u64, env: Envelope<ToNode>) {
+        if let ToNode::WriteBackDone { req, result } = &env.msg
+            && let Some(sent) = self.write_backs.remove(req)
+        {
+            let outcome = match result {
+                WriteBackResult::Written => WriteBackOutcome::Written,
+                WriteBackResult::NotHolder => WriteBackOutcome::NotHolder,
+                WriteBackResult::Failed(_) => WriteBackOutcome::Failed,
+            };
+            record::cache_write_back(outcome, sent.elapsed());
+        }
+        self.cache.on_message(now, env);
+    }
+
+    /// Brings the write-back metrics up to date (every tick): the dirty lines gauge, the core's
+    /// counters' increments, and the write-backs that went unanswered.
+    fn record_metrics(&mut self) {
+        if self.cfg.write_back.is_none() {
+            return;
+        }
+        record::cache_dirty_lines(self.cache.dirty_lines());
+        let (now, _, _) = self.cache.stats();
+        let before = std::mem::replace(&mut self.reported, now);
+        if now.local_writes > before.local_writes {
+            record::cache_local_writes(now.local_writes - before.local_writes);
+        }
+        if now.dirty_lost > before.dirty_lost {
+            record::cache_write_back_losses("dirty_dropped", now.dirty_lost - before.dirty_lost);
+        }
+        let timeout = Duration::from_millis(self.cfg.op_timeout_ms);
+        self.write_backs.retain(|_, sent| {
+            let waiting = sent.elapsed() < timeout;
+            if !waiting {
+                record::cache_write_back(WriteBackOutcome::Unanswered, sent.elapsed());
+            }
+            waiting
+        });
     }
 
     fn answer(&mut self, op: OpId, result: Result<Answer, CacheError>) {

@@ -7,8 +7,8 @@
 use sync_proto::internal::v1 as ipb;
 
 use crate::cache::message::{
-    Demand, DemandKind, Envelope, LineGrant, Mutation, ReqId, Stamp, ToHome, ToNode, Write,
-    WriteResult, WriteTag,
+    Demand, DemandKind, Dirty, Envelope, LineGrant, Mutation, ReqId, Reservation, Stamp, ToHome,
+    ToNode, Write, WriteBackResult, WriteResult, WriteTag,
 };
 use crate::cache::{CacheError, Epoch, LineState, Stored};
 
@@ -73,12 +73,6 @@ pub fn write_from_pb(w: ipb::CacheWrite) -> Result<(String, Write), WireError> {
     ))
 }
 
-/// Write-back mode's messages (and a grant's reservation) have no encoding yet: the runtime
-/// never enables write-back (`CacheConfig::write_back` is `None` for every node it starts), so
-/// the core never emits them.
-const WRITE_BACK_OFF: &str =
-    "write-back messages are not carried: the runtime never enables write-back";
-
 /// A node's message for the directory, encoded.
 pub fn encode_to_home(env: Envelope<ToHome>) -> ipb::CacheEnvelope {
     let msg = match env.msg {
@@ -104,7 +98,22 @@ pub fn encode_to_home(env: Envelope<ToHome>) -> ipb::CacheEnvelope {
         }),
         ToHome::RecallAck { key, op, kept } => Msg::RecallAck(ipb::DemandAck { key, op, kept }),
         ToHome::Evicted { key, grant } => Msg::Evicted(ipb::Evicted { key, grant }),
-        ToHome::DirtyAck { .. } | ToHome::WriteBack { .. } => unreachable!("{WRITE_BACK_OFF}"),
+        ToHome::DirtyAck {
+            key,
+            op,
+            kept,
+            dirty,
+        } => Msg::DirtyAck(ipb::DirtyAck {
+            key,
+            op,
+            kept,
+            dirty: Some(dirty_to_pb(dirty)),
+        }),
+        ToHome::WriteBack { req, key, dirty } => Msg::WriteBack(ipb::WriteBack {
+            req: Some(req_to_pb(req)),
+            key,
+            dirty: Some(dirty_to_pb(dirty)),
+        }),
     };
     envelope(env.stamp, msg)
 }
@@ -142,7 +151,17 @@ pub fn encode_to_node(env: Envelope<ToNode>) -> ipb::CacheEnvelope {
             line: line.map(grant_to_pb),
         }),
         ToNode::Demand(d) => Msg::Demand(demand_to_pb(d)),
-        ToNode::WriteBackDone { .. } => unreachable!("{WRITE_BACK_OFF}"),
+        ToNode::WriteBackDone { req, result } => {
+            use ipb::write_back_done::{NotHolder, Result as R, Written};
+            Msg::WriteBackDone(ipb::WriteBackDone {
+                req: Some(req_to_pb(req)),
+                result: Some(match result {
+                    WriteBackResult::Written => R::Written(Written {}),
+                    WriteBackResult::NotHolder => R::NotHolder(NotHolder {}),
+                    WriteBackResult::Failed(e) => R::Failed(failure_to_pb(e)),
+                }),
+            })
+        }
     };
     envelope(env.stamp, msg)
 }
@@ -183,6 +202,17 @@ pub fn decode(env: ipb::CacheEnvelope) -> Result<Decoded, WireError> {
             key: e.key,
             grant: e.grant,
         }),
+        Msg::DirtyAck(a) => home(ToHome::DirtyAck {
+            key: a.key,
+            op: a.op,
+            kept: a.kept,
+            dirty: dirty_from_pb(a.dirty)?,
+        }),
+        Msg::WriteBack(w) => home(ToHome::WriteBack {
+            req: req_from_pb(w.req)?,
+            key: w.key,
+            dirty: dirty_from_pb(w.dirty)?,
+        }),
         Msg::LeaseGrant(g) => node(ToNode::LeaseGrant {
             sent_at: g.sent_at,
             lease_ms: g.lease_ms,
@@ -216,6 +246,20 @@ pub fn decode(env: ipb::CacheEnvelope) -> Result<Decoded, WireError> {
             line: w.line.map(grant_from_pb).transpose()?,
         }),
         Msg::Demand(d) => node(ToNode::Demand(demand_from_pb(d)?)),
+        Msg::WriteBackDone(w) => {
+            use ipb::write_back_done::Result as R;
+            node(ToNode::WriteBackDone {
+                req: req_from_pb(w.req)?,
+                result: match w
+                    .result
+                    .ok_or(WireError("a write-back reply without a result"))?
+                {
+                    R::Written(_) => WriteBackResult::Written,
+                    R::NotHolder(_) => WriteBackResult::NotHolder,
+                    R::Failed(f) => WriteBackResult::Failed(failure_from_pb(f)),
+                },
+            })
+        }
     }
 }
 
@@ -256,6 +300,10 @@ fn grant_to_pb(g: LineGrant) -> ipb::LineGrant {
     ipb::LineGrant {
         grant: g.grant,
         state: state_to_pb(g.state) as i32,
+        reserved: g.reserved.map(|r| ipb::Reservation {
+            base: r.base,
+            limit: r.limit,
+        }),
     }
 }
 
@@ -266,11 +314,37 @@ fn grant_from_pb(g: ipb::LineGrant) -> Result<LineGrant, WireError> {
         Ok(ipb::CacheLineState::Modified) => LineState::Modified,
         _ => return Err(WireError("a line grant without a valid state")),
     };
+    // A reservation is only ever made for an exclusive line, and never an empty or inverted
+    // one: anything else would let the node number local writes memory could give again.
+    let reserved = match g.reserved {
+        None => None,
+        Some(r) if state.is_exclusive() && r.limit >= r.base => Some(Reservation {
+            base: r.base,
+            limit: r.limit,
+        }),
+        Some(_) => return Err(WireError("a reservation on a shared line, or limit < base")),
+    };
     Ok(LineGrant {
         grant: g.grant,
         state,
-        // Write-back mode is not carried yet (see WRITE_BACK_OFF).
-        reserved: None,
+        reserved,
+    })
+}
+
+fn dirty_to_pb(d: Dirty) -> ipb::DirtyWrite {
+    ipb::DirtyWrite {
+        grant: d.grant,
+        version: d.version,
+        value: d.value,
+    }
+}
+
+fn dirty_from_pb(d: Option<ipb::DirtyWrite>) -> Result<Dirty, WireError> {
+    let d = d.ok_or(WireError("a dirty write is missing"))?;
+    Ok(Dirty {
+        grant: d.grant,
+        version: d.version,
+        value: d.value,
     })
 }
 
@@ -369,6 +443,14 @@ mod tests {
         }
     }
 
+    fn dirty() -> Dirty {
+        Dirty {
+            grant: 6,
+            version: 42,
+            value: Bytes::from("local"),
+        }
+    }
+
     #[test]
     fn every_message_to_the_directory_round_trips() {
         let set = Write {
@@ -418,6 +500,23 @@ mod tests {
             ToHome::Evicted {
                 key: "k".into(),
                 grant: 8,
+            },
+            ToHome::DirtyAck {
+                key: "k".into(),
+                op: 2,
+                kept: false,
+                dirty: dirty(),
+            },
+            ToHome::DirtyAck {
+                key: "k".into(),
+                op: 3,
+                kept: true,
+                dirty: dirty(),
+            },
+            ToHome::WriteBack {
+                req: req(),
+                key: "k".into(),
+                dirty: dirty(),
             },
         ];
         for msg in msgs {
@@ -497,6 +596,46 @@ mod tests {
                 line: None,
             },
             ToNode::Demand(demand(DemandKind::Invalidate)),
+            ToNode::FillReply {
+                req: req(),
+                result: Ok(Stored {
+                    version: 4,
+                    value: Some(Bytes::from("x")),
+                    ttl_left_ms: None,
+                }),
+                line: Some(LineGrant {
+                    grant: 7,
+                    state: LineState::Exclusive,
+                    reserved: Some(Reservation { base: 4, limit: 68 }),
+                }),
+            },
+            ToNode::WriteDone {
+                req: req(),
+                result: Ok(WriteResult::Applied {
+                    version: 70,
+                    existed: false,
+                }),
+                line: Some(LineGrant {
+                    grant: 8,
+                    state: LineState::Modified,
+                    reserved: Some(Reservation {
+                        base: 70,
+                        limit: 134,
+                    }),
+                }),
+            },
+            ToNode::WriteBackDone {
+                req: req(),
+                result: WriteBackResult::Written,
+            },
+            ToNode::WriteBackDone {
+                req: req(),
+                result: WriteBackResult::NotHolder,
+            },
+            ToNode::WriteBackDone {
+                req: req(),
+                result: WriteBackResult::Failed(CacheError::Unavailable("fenced".into())),
+            },
         ];
         for msg in msgs {
             let env = Envelope {
@@ -528,10 +667,63 @@ mod tests {
                 result: Some(ipb::fill_reply::Result::Failure(
                     ipb::CacheFailure::default(),
                 )),
-                line: Some(ipb::LineGrant { grant: 1, state: 0 }),
+                line: Some(ipb::LineGrant {
+                    grant: 1,
+                    state: 0,
+                    reserved: None,
+                }),
             })),
             ..Default::default()
         };
         assert!(decode(bad_state).is_err());
+    }
+
+    #[test]
+    fn a_malformed_write_back_message_is_an_error() {
+        let fill = |state: ipb::CacheLineState, base, limit| ipb::CacheEnvelope {
+            msg: Some(Msg::FillReply(ipb::FillReply {
+                req: Some(req_to_pb(req())),
+                result: Some(ipb::fill_reply::Result::Failure(
+                    ipb::CacheFailure::default(),
+                )),
+                line: Some(ipb::LineGrant {
+                    grant: 1,
+                    state: state as i32,
+                    reserved: Some(ipb::Reservation { base, limit }),
+                }),
+            })),
+            ..Default::default()
+        };
+        assert!(decode(fill(ipb::CacheLineState::Exclusive, 3, 9)).is_ok());
+        // Local writes on a shared line, or from an inverted block, could reuse versions.
+        assert!(decode(fill(ipb::CacheLineState::Shared, 3, 9)).is_err());
+        assert!(decode(fill(ipb::CacheLineState::Exclusive, 9, 3)).is_err());
+        let no_dirty = ipb::CacheEnvelope {
+            msg: Some(Msg::DirtyAck(ipb::DirtyAck {
+                key: "k".into(),
+                op: 1,
+                kept: false,
+                dirty: None,
+            })),
+            ..Default::default()
+        };
+        assert!(decode(no_dirty).is_err());
+        let no_write = ipb::CacheEnvelope {
+            msg: Some(Msg::WriteBack(ipb::WriteBack {
+                req: Some(req_to_pb(req())),
+                key: "k".into(),
+                dirty: None,
+            })),
+            ..Default::default()
+        };
+        assert!(decode(no_write).is_err());
+        let no_result = ipb::CacheEnvelope {
+            msg: Some(Msg::WriteBackDone(ipb::WriteBackDone {
+                req: Some(req_to_pb(req())),
+                result: None,
+            })),
+            ..Default::default()
+        };
+        assert!(decode(no_result).is_err());
     }
 }
