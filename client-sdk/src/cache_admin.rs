@@ -103,6 +103,50 @@ impl NodeCache {
         Ok(r.version)
     }
 
+    /// Writes `key` (no TTL) through the node without a request header and without retries,
+    /// so that a cluster in write-back mode (`syncd --cache-write-mode write-back`) may answer
+    /// it from the node's line: a node holding the key Exclusive or Modified takes the write at
+    /// once and writes it back later (docs/cache.md, "Write-back mode"). A tagged write, as
+    /// [`set`](NodeCache::set) and [`Client::cache_set`] send, is never served that way,
+    /// because the node cannot tell a retry from a first attempt. Writes of one key through
+    /// one node keep its line there; alternating nodes move the line at every write.
+    ///
+    /// The price, which is why this is a separate call:
+    /// - it is sent once: a failure that leaves its outcome unknown (a timeout, a broken
+    ///   connection) is returned as an error, and the write may or may not have been applied;
+    /// - in write-back mode an acknowledged write may be lost within the node's loss window
+    ///   (a crash, or the node cut off from the leader, before its next flush).
+    ///
+    /// Refusals that say the write was not applied (no leader yet, memory unavailable) are
+    /// still retried. On a write-through cluster this is `set` without de-duplication.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sync_client::Client) -> sync_client::Result<()> {
+    /// let node = client.cache_on(Some(2)).await?;
+    /// let version = node.set_unretried("counter/page-views", "1041").await?;
+    /// println!("written as version {version}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_unretried(&self, key: &str, value: impl Into<Bytes>) -> Result<u64> {
+        let request = api::CacheSetRequest {
+            header: None,
+            key: key.to_owned(),
+            value: value.into(),
+            ttl_ms: 0,
+        };
+        let once = CallSpec {
+            repeatable: false,
+            ..self.spec()
+        };
+        let r = self
+            .client
+            .unary(once, request, |ch, r| async move {
+                CacheClient::new(ch).set(r).await
+            })
+            .await?;
+        Ok(r.version)
+    }
+
     /// Writes `key` only if its version is `expected_version` (0: only if it has no value).
     pub async fn compare_and_set(
         &self,
