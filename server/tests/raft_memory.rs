@@ -10,7 +10,7 @@ use bytes::Bytes;
 use sync_proto::raft::v1 as pb;
 use syncd::cache::Stored;
 use syncd::cache::memory::{MemoryError, MemoryOp, MemoryReply, MemoryRequest};
-use syncd::cache::message::{Mutation, Write, WriteResult};
+use syncd::cache::message::{Write, WriteResult};
 use syncd::node::RunningNode;
 use syncd::node::cache::raft_memory;
 use syncd::node::config::{CacheBackend, ClusterState, LogFormat, Settings};
@@ -79,14 +79,7 @@ async fn run(node: &RunningNode, epoch: u64, op: MemoryOp) -> Result<MemoryReply
 }
 
 fn set(value: &str) -> Write {
-    Write {
-        mutation: Mutation::Set {
-            value: Bytes::from(value.to_string()),
-            ttl_ms: None,
-        },
-        expect: None,
-        tag: None,
-    }
+    Write::set(value.to_string())
 }
 
 fn write(key: &str, value: &str) -> MemoryOp {

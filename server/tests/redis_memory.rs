@@ -23,12 +23,8 @@ fn set(key: &str, value: &str, expect: Option<u64>) -> MemoryOp {
     MemoryOp::Write {
         key: key.into(),
         write: Write {
-            mutation: Mutation::Set {
-                value: Bytes::from(value.to_string()),
-                ttl_ms: None,
-            },
             expect,
-            tag: None,
+            ..Write::set(value.to_string())
         },
     }
 }
@@ -36,14 +32,7 @@ fn set(key: &str, value: &str, expect: Option<u64>) -> MemoryOp {
 fn set_with_ttl(key: &str, value: &str, ttl_ms: u64) -> MemoryOp {
     MemoryOp::Write {
         key: key.into(),
-        write: Write {
-            mutation: Mutation::Set {
-                value: Bytes::from(value.to_string()),
-                ttl_ms: Some(ttl_ms),
-            },
-            expect: None,
-            tag: None,
-        },
+        write: Write::set_with_ttl(value.to_string(), ttl_ms),
     }
 }
 

@@ -86,6 +86,33 @@ pub struct Write {
     pub tag: Option<WriteTag>,
 }
 
+impl Write {
+    /// A plain Set of `value`: no TTL, no expected version, no tag (what a header-less client
+    /// Set is, and the only write a node in write-back mode may take locally).
+    pub fn set(value: impl Into<Bytes>) -> Write {
+        Write {
+            mutation: Mutation::Set {
+                value: value.into(),
+                ttl_ms: None,
+            },
+            expect: None,
+            tag: None,
+        }
+    }
+
+    /// A Set of `value` that expires `ttl_ms` after memory applies it.
+    pub fn set_with_ttl(value: impl Into<Bytes>, ttl_ms: u64) -> Write {
+        Write {
+            mutation: Mutation::Set {
+                value: value.into(),
+                ttl_ms: Some(ttl_ms),
+            },
+            expect: None,
+            tag: None,
+        }
+    }
+}
+
 /// The outcome of a write that memory answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteResult {

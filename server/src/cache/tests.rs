@@ -34,14 +34,7 @@ fn shared_world(nodes: usize) -> (World, u64) {
 }
 
 fn set(value: &str) -> Write {
-    Write {
-        mutation: Mutation::Set {
-            value: Bytes::from(value.to_string()),
-            ttl_ms: None,
-        },
-        expect: None,
-        tag: None,
-    }
+    Write::set(value.to_string())
 }
 
 /// Runs a write to completion and returns its version.
@@ -496,14 +489,7 @@ fn evicting_the_least_recently_used_line_tells_the_directory() {
 #[test]
 fn a_line_past_its_ttl_is_a_miss() {
     let mut w = world(2);
-    let write = Write {
-        mutation: Mutation::Set {
-            value: Bytes::from_static(b"v"),
-            ttl_ms: Some(30),
-        },
-        expect: None,
-        tag: None,
-    };
+    let write = Write::set_with_ttl(Bytes::from_static(b"v"), 30);
     write_ok(&mut w, 1, "k", write);
     assert!(read(&mut w, 1, "k").2);
     w.advance(30).expect("ok");
@@ -519,14 +505,7 @@ fn a_value_over_the_maximum_size_is_an_invalid_argument_and_one_over_the_capacit
         ..CacheConfig::default()
     };
     let mut n = leased_node(cfg.clone());
-    let big = |len| Write {
-        mutation: Mutation::Set {
-            value: Bytes::from(vec![b'x'; len]),
-            ttl_ms: None,
-        },
-        expect: None,
-        tag: None,
-    };
+    let big = |len| Write::set(vec![b'x'; len]);
     assert!(matches!(
         n.write(1, 1, "k", big(51)),
         Err(CacheError::InvalidArgument(_))
@@ -886,14 +865,7 @@ fn tagged_writes_deletes_and_ttls_are_not_served_locally() {
     });
     assert_eq!(write_locally(&mut w, 1, "k", tagged), None);
     write_ok(&mut w, 1, "k", set("v2"));
-    let ttl = Write {
-        mutation: Mutation::Set {
-            value: Bytes::from_static(b"x"),
-            ttl_ms: Some(1_000),
-        },
-        expect: None,
-        tag: None,
-    };
+    let ttl = Write::set_with_ttl(Bytes::from_static(b"x"), 1_000);
     assert_eq!(write_locally(&mut w, 1, "k", ttl), None);
 }
 
