@@ -413,21 +413,29 @@ const CERTIFICATE_REQUIRED: &str = "requires a client certificate signed by its 
 /// Whether a chain of causes says the peer closed the connection: a broken pipe, a reset, an
 /// aborted connection, an unexpected end of stream, or hyper's "connection closed".
 fn is_closed_connection(err: &(dyn StdError + 'static)) -> bool {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return matches!(
-                io.kind(),
-                io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::UnexpectedEof
-            );
-        }
-        current = e.source();
+    if let Some(io) = first_io_error(err) {
+        return matches!(
+            io.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        );
     }
     let text = innermost(err);
     text.contains("connection closed") || text.contains("channel closed")
+}
+
+/// The first I/O error in a chain of causes.
+fn first_io_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a io::Error> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The deepest cause in a chain of errors, in words: the most specific one.
@@ -448,14 +456,7 @@ pub(crate) fn innermost(err: &(dyn StdError + 'static)) -> String {
 /// assert_eq!(sync_client::error::io_reason(&err).as_deref(), Some("connection refused"));
 /// ```
 pub fn io_reason(err: &(dyn StdError + 'static)) -> Option<String> {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return Some(describe_io(io));
-        }
-        current = e.source();
-    }
-    None
+    first_io_error(err).map(describe_io)
 }
 
 fn describe_io(err: &io::Error) -> String {
