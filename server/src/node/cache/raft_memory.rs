@@ -21,10 +21,6 @@ use crate::state::Applied;
 
 use ipb::command_result::Result as R;
 
-/// Write-back mode's memory requests are not supported by a backend (the Raft memory supports
-/// them; the Redis one refuses them with this until it does).
-pub const WRITE_BACK_UNSUPPORTED: &str = "write-back is not supported by this memory backend yet";
-
 /// Runs one request; `None` if it may or may not take effect.
 pub async fn run(
     node: &NodeHandle,
